@@ -1,0 +1,184 @@
+"""Checkpoints: find them, load them safely, convert them.
+
+Three formats load without flags: the authors' ``DMDNet.pth`` (a plain state dict),
+our ``.safetensors`` (configuration in the metadata) and BasicSR ``.pth`` files
+(``params_ema`` / ``params``). ``.pth`` files are read with ``weights_only=True``: a
+checkpoint from the internet must never run code when it is opened.
+"""
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_path
+from .model import DMDNet
+from .runtime import tune_cpu_allocator
+
+OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
+OFFICIAL_NAME = "DMDNet.pth"
+CHECKPOINT_FORMAT = "dmdnet-checkpoint"
+CHECKPOINT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint is missing or unusable; the message says which file and why."""
+
+
+def cache_dir() -> Path:
+    """Per-user folder where downloaded or hand-placed weights are looked for."""
+    root = os.environ.get("DMDNET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dmdnet"
+    )
+    return Path(root)
+
+
+def find_weights(explicit: str | Path | None = None, download: bool = True) -> Path:
+    """Resolve the checkpoint: explicit path, ``$DMDNET_WEIGHTS``, the cache, then the release URL."""
+    for source, value in (("--weights", explicit), ("DMDNET_WEIGHTS", os.environ.get("DMDNET_WEIGHTS"))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise WeightsError(f"{path}: weights file not found (given by {source})")
+            return path
+    cached = sorted(cache_dir().glob("*.safetensors")) + [cache_dir() / OFFICIAL_NAME]
+    for path in cached:
+        if path.is_file():
+            return path
+    target = cache_dir() / OFFICIAL_NAME
+    if download:
+        url = os.environ.get("DMDNET_WEIGHTS_URL", OFFICIAL_URL)
+        try:
+            return download_file(url, target)
+        except OSError as exc:
+            reason = f"download from {url} failed ({exc})"
+    else:
+        reason = "downloading is off"
+    raise WeightsError(
+        f"no DMDNet weights found and {reason}. Put {OFFICIAL_NAME} (from {OFFICIAL_URL}) at {target}, "
+        "or pass --weights PATH, or set DMDNET_WEIGHTS=PATH"
+    )
+
+
+def download_file(url: str, target: Path) -> Path:
+    """Download with a progress bar into ``target`` atomically, then check it loads."""
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=30) as response, atomic_path(target) as tmp:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+        read_state_dict(tmp)  # a truncated or wrong download never reaches the cache
+    return target
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and stored configuration (None when the file has none) of any supported file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            return state, json.loads(meta["config"]) if "config" in meta else None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: weights file not found") from None
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    for key in ("params_ema", "params"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise WeightsError(f"{path}: holds no tensors")
+    return state, config
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The constructor arguments that produce these tensor shapes."""
+    try:
+        return {"ngf": state["E_lq.conv1.0.weight_orig"].shape[0], "banks_num": state["le_256_mem_key"].shape[0]}
+    except KeyError as exc:
+        raise WeightsError(f"not a DMDNet state dict (no {exc})") from None
+
+
+def build_model(state: dict[str, torch.Tensor], config: dict | None = None, source: str = "state dict") -> DMDNet:
+    """A DMDNet holding ``state``, loaded strictly with a readable report of any mismatch."""
+    try:
+        model = DMDNet(**(config or infer_config(state)))
+    except WeightsError as exc:
+        raise WeightsError(f"{source}: {exc}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        def show(items: list[str]) -> str:
+            return f"{len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+        raise WeightsError(
+            f"{source}: does not match DMDNet{model.config}: missing {show(missing)}, "
+            f"unexpected {show(unexpected)}, wrong shape {show(wrong)}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def load_model(
+    path: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> DMDNet:
+    """Load a checkpoint (found by :func:`find_weights` when ``path`` is None) for inference.
+
+    ``dtype`` is the compute precision of :meth:`DMDNet.restore` (autocast); the weights
+    stay float32 so that fingerprints and identity dictionaries do not depend on it.
+    """
+    path = find_weights(path)
+    state, config = read_state_dict(path)
+    model = build_model(state, config, source=str(path))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    model.compute_dtype = resolve_dtype(dtype)
+    return model.to(device).eval()
+
+
+def save_checkpoint(model: DMDNet, path: str | Path, half: bool = False) -> Path:
+    """Write ``model`` as ``.safetensors`` with its configuration, atomically."""
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "config": json.dumps(model.config)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return path
+
+
+def convert(src: str | Path, dst: str | Path, half: bool = False) -> Path:
+    """Any supported checkpoint -> our ``.safetensors`` (checked by a strict load first)."""
+    state, config = read_state_dict(src)
+    return save_checkpoint(build_model(state, config, source=str(src)), dst, half=half)
