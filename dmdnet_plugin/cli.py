@@ -1,0 +1,182 @@
+"""``dmdnet``: restore photos, build and inspect identity dictionaries, convert checkpoints.
+
+Errors about one input are one line on stderr naming the file; the batch goes on and the
+exit status is 1 if any input failed. No traceback reaches the user.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .atomic import atomic_path
+from .identity import IdentityDictionary, IdentityError
+from .io import ImageError, list_images, read_image, write_image
+from .pipeline import DEFAULT_THRESHOLD, MIN_FACE, Restorer
+from .weights import WeightsError, convert, load_model
+
+
+class CliError(Exception):
+    """A problem that stops the whole command (not one input)."""
+
+
+def _error(message: str) -> None:
+    tqdm.write(f"error: {message}", file=sys.stderr)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="checkpoint (.pth or .safetensors); default: see README, 'Weights'")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--detector", default="auto", help="auto, hog, cnn or retinaface (default: auto)")
+    p.add_argument("--face-models", help="folder with facexlib RetinaFace weights (or $DMDNET_FACEXLIB_DIR)")
+
+
+def _restorer(args, identities: Sequence[IdentityDictionary] = ()) -> Restorer:
+    from .faces import get_backend
+
+    dtype = torch.float16 if getattr(args, "fp16", False) else None
+    model = load_model(args.weights, device=args.device, dtype=dtype)
+    device = str(next(model.parameters()).device)
+    backend = get_backend(args.detector, args.face_models, device="cuda" if device.startswith("cuda") else "cpu")
+    return Restorer(
+        model, backend, identities,
+        threshold=getattr(args, "threshold", DEFAULT_THRESHOLD), batch_size=getattr(args, "batch", 4),
+        min_face=getattr(args, "min_face", MIN_FACE), only_largest=getattr(args, "only_largest", False),
+    )
+
+
+def cmd_restore(args) -> int:
+    identities = [IdentityDictionary.load(p) for p in args.identity]
+    restorer = _restorer(args, identities)
+    out_dir = Path(args.output)
+    files = list_images(args.inputs)
+    if not files:
+        raise CliError("no input images found")
+    report, failed = [], 0
+    for src in tqdm(files, desc="restoring", unit="photo", disable=len(files) < 2 or not sys.stderr.isatty()):
+        dst = out_dir / src.name
+        entry = {"input": str(src), "output": None, "status": "error", "error": None, "faces": []}
+        try:
+            if dst.resolve() == src.resolve():
+                raise ImageError(f"{src}: output would overwrite the input; choose another -o folder")
+            picture = read_image(src)
+            result = restorer.restore_image(picture, aligned=args.aligned, upscale=args.upscale)
+            write_image(dst, result.pixels, result.alpha)
+            if args.save_faces:
+                restorer.save_faces(result, out_dir, src.stem)
+            entry.update(output=str(dst), status="ok" if result.faces else "no_face",
+                         faces=[f.record() for f in result.faces])
+            if result.skipped:
+                entry["skipped_faces"] = result.skipped
+        except (ImageError, IdentityError, OSError) as exc:
+            entry["error"] = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
+        except Exception as exc:  # one bad photo must not stop the batch
+            entry["error"] = f"{src}: {type(exc).__name__}: {exc}"
+        if entry["error"]:
+            failed += 1
+            _error(entry["error"])
+        report.append(entry)
+    if args.report:
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(json.dumps({"files": report}, indent=2) + "\n")
+    counts = {s: sum(e["status"] == s for e in report) for s in ("ok", "no_face", "error")}
+    print(f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {out_dir}",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_identity_build(args) -> int:
+    restorer = _restorer(args)
+    references, rejected = [], []
+    for src in list_images(args.refs):
+        try:
+            references.append((str(src), read_image(src).rgb()))
+        except ImageError as exc:
+            rejected.append(str(exc))
+    ident, unusable = restorer.build_identity(references, name=args.name, aligned=args.aligned)
+    for reason in rejected + unusable:
+        _error(f"reference rejected: {reason}")
+    if args.extend:
+        ident = IdentityDictionary.load(args.extend).extend(ident)
+    ident.save(args.output)
+    print(f"{args.output}: identity {args.name or '(unnamed)'} from {ident.n_refs} references"
+          f"{f', {len(rejected + unusable)} rejected' if rejected + unusable else ''}", file=sys.stderr)
+    return 0
+
+
+def cmd_identity_show(args) -> int:
+    for path in args.files:
+        meta = IdentityDictionary.load(path).metadata()
+        if "embedding" in meta:
+            meta["embedding"] = f"{len(json.loads(meta['embedding']))}-d mean of {meta['n_embedded']} references"
+        print(json.dumps({"file": str(path), **meta}, indent=2))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    out = convert(args.input, args.output, half=args.half)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmdnet", description="DMDNet blind face restoration with identity dictionaries")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("restore", help="restore every face of photos")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR/<name of input>)")
+    _model_args(p)
+    p.add_argument("--identity", action="append", default=[], metavar="FILE", help="identity dictionary (repeatable)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"largest embedding distance that matches an identity (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 face crops")
+    p.add_argument("--fp16", action="store_true", help="half precision (CUDA)")
+    p.add_argument("--batch", type=int, default=4, help="faces per model call (default 4)")
+    p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")
+    p.add_argument("--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)")
+    p.add_argument("--only-largest", action="store_true", help="restore only the largest face of each photo")
+    p.add_argument("--save-faces", action="store_true", help="also write cropped_faces/ and restored_faces/")
+    p.add_argument("--report", help="write a JSON report to this file")
+    p.set_defaults(func=cmd_restore)
+
+    ident = sub.add_parser("identity", help="identity dictionaries").add_subparsers(dest="action", required=True)
+    p = ident.add_parser("build", help="build an identity dictionary from reference photos of one person")
+    p.add_argument("refs", nargs="+", help="reference photos or folders (the largest face of each is used)")
+    p.add_argument("-o", "--output", required=True, help="FILE.safetensors")
+    p.add_argument("--name", help="the person's name, shown in reports")
+    p.add_argument("--extend", metavar="FILE", help="add these references to an existing dictionary")
+    p.add_argument("--aligned", action="store_true", help="references are aligned 512x512 crops")
+    _model_args(p)
+    p.set_defaults(func=cmd_identity_build)
+    p = ident.add_parser("show", help="print the metadata of identity dictionaries")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_identity_show)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--half", action="store_true", help="store float16 weights")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, WeightsError, IdentityError, ImageError, ValueError) as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

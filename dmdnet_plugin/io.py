@@ -1,0 +1,183 @@
+"""Reading and writing photos without losing what the user's file had.
+
+Photos come as 8- or 16-bit, gray, RGB, RGBA, CMYK JPEGs, EXIF-rotated phone pictures. The
+pipeline works on float RGB; :class:`Picture` keeps the original pixels and what
+:func:`write_image` needs to give the output the same bit depth, alpha and grayness.
+Every failure is an :class:`ImageError` whose message names the file and the problem.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .atomic import atomic_path
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MAX_PIXELS = 120_000_000  # a 12000x10000 photo; larger ones are refused, not swapped to death
+MIN_SIDE = 8
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as a photo."""
+
+
+@dataclass
+class Picture:
+    """A decoded photo: ``pixels`` exactly as stored (HxW or HxWxC, uint8/uint16, RGB order)."""
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    source_format: str
+
+    @property
+    def gray(self) -> bool:
+        return self.pixels.ndim == 2
+
+    @property
+    def max_value(self) -> int:
+        return 65535 if self.pixels.dtype == np.uint16 else 255
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    def rgb(self) -> np.ndarray:
+        """Float32 RGB in [0, 1], HxWx3."""
+        rgb = self.pixels if not self.gray else np.repeat(self.pixels[..., None], 3, axis=2)
+        return rgb.astype(np.float32) / self.max_value
+
+    def rgb8(self) -> np.ndarray:
+        """uint8 RGB, for detectors."""
+        if self.pixels.dtype == np.uint8 and not self.gray:
+            return self.pixels
+        return np.round(self.rgb() * 255).astype(np.uint8)
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an HxW(xC) array."""
+    ops = {2: [np.fliplr], 3: [lambda a: np.rot90(a, 2)], 4: [np.flipud], 5: [lambda a: np.rot90(a, -1), np.fliplr],
+           6: [lambda a: np.rot90(a, -1)], 7: [lambda a: np.rot90(a, 1), np.fliplr], 8: [lambda a: np.rot90(a, 1)]}
+    for op in ops.get(orientation, []):
+        arr = op(arr)
+    return np.ascontiguousarray(arr)
+
+
+def _decode_16bit(data: bytes, name: str, orientation: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """16-bit files through OpenCV, which (unlike Pillow) keeps 16-bit colour."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageError(f"{name}: cannot decode 16-bit image")
+    alpha = None
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            alpha = arr[..., 3]
+        arr = cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
+    return _orient(arr, orientation), None if alpha is None else _orient(alpha, orientation)
+
+
+def _is_16bit(data: bytes, im: Image.Image) -> bool:
+    """Pillow silently reduces 16-bit RGB PNG/TIFF to 8 bits, so look at the header itself."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return True
+    if im.format == "PNG":
+        return len(data) > 24 and data[24] == 16  # IHDR bit depth
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        return 16 in (bits if isinstance(bits, tuple) else (bits,))
+    return False
+
+
+def decode_image(data: bytes, name: str = "<image>") -> Picture:
+    """Decode an encoded photo; ``name`` is used in error messages."""
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "").upper()
+            orientation = im.getexif().get(0x0112, 1)
+            if _is_16bit(data, im):
+                im.load()
+                pixels, alpha = _decode_16bit(data, name, orientation)
+            else:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("P", "PA"):
+                    im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+                if im.mode in ("L", "LA"):
+                    arr = np.asarray(im.convert("LA"))
+                    pixels, alpha = arr[..., 0].copy(), arr[..., 1].copy() if im.mode == "LA" else None
+                elif im.mode in ("RGBA", "RGBa"):
+                    arr = np.asarray(im.convert("RGBA"))
+                    pixels, alpha = arr[..., :3].copy(), arr[..., 3].copy()
+                else:  # RGB, CMYK, YCbCr, 1, F...
+                    pixels, alpha = np.asarray(im.convert("RGB")).copy(), None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: image is larger than {MAX_PIXELS} pixels") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: truncated or corrupt image ({exc})") from None
+    h, w = pixels.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ImageError(f"{name}: image is {w}x{h} pixels, too small to hold a face")
+    return Picture(pixels, alpha, fmt)
+
+
+def read_image(path: str | Path) -> Picture:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_image(data, str(path))
+
+
+def to_native(rgb: np.ndarray, like: Picture) -> np.ndarray:
+    """Float RGB in [0, 1] -> the dtype and channel layout of ``like``."""
+    if like.gray:
+        rgb = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.float32), cv2.COLOR_RGB2GRAY)
+    return np.round(np.clip(rgb, 0, 1) * like.max_value).astype(like.pixels.dtype)
+
+
+def encode_image(pixels: np.ndarray, alpha: np.ndarray | None, suffix: str) -> bytes:
+    """Encode native pixels (RGB order) for a file with ``suffix``; JPEG drops alpha."""
+    arr = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    suffix = suffix.lower()
+    if alpha is not None and suffix in (".png", ".webp", ".tif", ".tiff"):
+        if arr.ndim == 2:
+            arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
+        arr = np.dstack([arr, alpha.astype(arr.dtype)])
+    if suffix in (".jpg", ".jpeg", ".webp") and arr.dtype == np.uint16:
+        arr = (arr // 257).astype(np.uint8)  # these formats are 8-bit only
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(suffix, arr, params)
+    if not ok:
+        raise ImageError(f"cannot encode image as {suffix}")
+    return buf.tobytes()
+
+
+def write_image(path: str | Path, pixels: np.ndarray, alpha: np.ndarray | None = None) -> Path:
+    """Write native pixels atomically: a reader never sees a partial file."""
+    path = Path(path)
+    data = encode_image(pixels, alpha, path.suffix)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Files given directly, plus image files found (sorted, recursively) in given folders."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            found.append(item)
+    return found
