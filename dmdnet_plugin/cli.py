@@ -118,6 +118,32 @@ def cmd_identity_show(args) -> int:
     return 0
 
 
+def cmd_landmarks(args) -> int:
+    """Cache 68-point landmarks beside training images (NAME.png.txt, the authors' format)."""
+    from .faces import get_backend, landmark_path
+
+    backend = get_backend(args.detector, args.face_models)
+    lm_root = Path(args.landmarks_root) if args.landmarks_root else None
+    jobs = [(src, Path(folder)) for folder in args.folders for src in list_images([folder])]
+    written = failed = 0
+    for src, root in tqdm(jobs, desc="landmarks", unit="image", disable=not sys.stderr.isatty()):
+        target = landmark_path(src, root if root.is_dir() else src.parent, lm_root)
+        if target.exists() and not args.overwrite:
+            continue
+        try:
+            faces = backend.detect(read_image(src).rgb8())
+            if not faces:
+                raise ImageError(f"{src}: no face found")
+            with atomic_path(target) as tmp:
+                tmp.write_text("".join(f"{x:.2f} {y:.2f}\n" for x, y in faces[0].landmarks))
+            written += 1
+        except ImageError as exc:
+            failed += 1
+            _error(str(exc))
+    print(f"{written} landmark files written, {failed} images without a face", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_convert(args) -> int:
     out = convert(args.input, args.output, half=args.half)
     print(f"wrote {out}", file=sys.stderr)
@@ -157,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = ident.add_parser("show", help="print the metadata of identity dictionaries")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_identity_show)
+
+    p = sub.add_parser("landmarks", help="write NAME.png.txt 68-point landmarks beside training images")
+    p.add_argument("folders", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--overwrite", action="store_true", help="recompute existing landmark files")
+    p.add_argument("--landmarks-root", help="write under this folder, mirroring each input folder (for read-only data)")
+    p.add_argument("--detector", default="auto", help="auto, hog, cnn or retinaface (default: auto)")
+    p.add_argument("--face-models", help="folder with facexlib RetinaFace weights")
+    p.set_defaults(func=cmd_landmarks)
 
     p = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
     p.add_argument("input")

@@ -135,6 +135,14 @@ class RetinaFaceBackend(DlibBackend):
         return [(np.asarray(d[:4], dtype=np.float64) / scale, float(d[4])) for d in dets]
 
 
+def landmark_path(image: Path, root: Path | None = None, landmarks_root: Path | None = None) -> Path:
+    """Where the 68 landmarks of ``image`` are cached: ``NAME.ext.txt`` beside it, or at the same
+    relative place under ``landmarks_root`` (the authors' RefsLandmark layout)."""
+    if landmarks_root is None or root is None:
+        return image.with_name(image.name + ".txt")
+    return landmarks_root / image.relative_to(root).with_name(image.name + ".txt")
+
+
 def retinaface_dir(explicit: str | Path | None = None) -> Path | None:
     """The folder given (or in $DMDNET_FACEXLIB_DIR) if it holds RetinaFace weights."""
     folder = explicit or os.environ.get(FACEXLIB_ENV)

@@ -239,12 +239,21 @@ class DMDNet(nn.Module):
         boxes: torch.Tensor,
         specific: dict[str, torch.Tensor] | None = None,
         generic: bool = True,
+        refs: torch.Tensor | None = None,
+        ref_boxes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(generic output, reference-based output); each None when not requested.
 
         ``boxes`` (B, 4, 4) int crop pixels, already sanitised. ``specific`` maps
         :func:`dictionary_key` names to atoms, shared (N, ...) or per sample (B, N, ...).
+        Training passes ``refs`` (B, K, 3, 512, 512) and ``ref_boxes`` (B, K, 4, 4) instead,
+        so that each face's own dictionary is built inside the one forward call DDP sees.
         """
+        if refs is not None:
+            b, k = refs.shape[:2]
+            flat = refs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+            atoms = self.memorize(flat, ref_boxes.flatten(0, 1))
+            specific = {name: a.unflatten(0, (b, k)) for name, a in atoms.items()}
         feats = self.E_lq(lq, boxes)
         finals = self._enhanced_parts(feats, specific, generic)
         out_g = self._decode(feats, boxes, next(finals)) if generic else None

@@ -1,0 +1,167 @@
+"""Training data for DMDNet: aligned HQ faces degraded on the fly, with boxes and references.
+
+Two layouts are read, and can be mixed in one list of roots (``dataroots``):
+- identity folders, ``root/<identity>/*.png`` (CelebRef-HQ): each sample also gets
+  ``num_refs`` other photos of the same identity, so the reference-based branch trains;
+- plain folders, ``root/*.png`` (FFHQ): generic samples without references.
+
+Component boxes come from 68-point landmarks: ``NAME.png.txt`` beside each image (written by
+``dmdnet landmarks``) or in ``landmarks_root`` mirroring the data (the authors' layout). Faces
+without landmarks use the template boxes.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from basicsr.data import degradations
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+
+from dmdnet_plugin.align import TEMPLATE_BOXES
+from dmdnet_plugin.components import CROP_SIZE, boxes_from_landmarks
+from dmdnet_plugin.faces import landmark_path
+from dmdnet_plugin.io import IMAGE_EXTENSIONS
+
+EYE_SWAP = [1, 0, 2, 3]  # a mirrored face's left eye is the original's right eye
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def flip(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror a face and its boxes; the eye boxes swap so that row 0 stays the left eye."""
+    w = img.shape[1]
+    flipped = boxes[EYE_SWAP].copy()
+    flipped[:, [0, 2]] = w - boxes[EYE_SWAP][:, [2, 0]]
+    return np.ascontiguousarray(img[:, ::-1]), flipped
+
+
+def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG round trip of a float RGB image (BasicSR's helper hands OpenCV float pixels and a
+    float quality, which OpenCV 4.x rejects)."""
+    bgr = cv2.cvtColor(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+    _, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+@DATASET_REGISTRY.register()
+class DMDNetFaceDataset(data.Dataset):
+    """Options (all degradation ranges live in the yml; defaults are GFPGAN's):
+
+    dataroot_gt (one folder; BasicSR expands it) and landmarks_root (optional), or dataroots: a list
+    of folders or of {path, landmarks_root, layout: auto | identities | plain | person}; num_refs (3), use_hflip (true),
+    include_identities / exclude_identities (lists of folder names), blur_kernel_size (41),
+    kernel_list, kernel_prob, blur_sigma, downsample_range, noise_range, jpeg_range,
+    color_jitter_prob, color_jitter_shift, gray_prob, deterministic (false; true for validation).
+    """
+
+    def __init__(self, opt: dict) -> None:
+        super().__init__()
+        self.opt = opt
+        roots = opt.get("dataroots") or [{"path": opt["dataroot_gt"], "landmarks_root": opt.get("landmarks_root")}]
+        include, exclude = opt.get("include_identities"), set(opt.get("exclude_identities") or [])
+        self.samples: list[tuple[Path, str | None, Path]] = []  # (image, identity, landmark file)
+        self.by_identity: dict[str, list[int]] = {}
+        for entry in roots:
+            entry = {"path": entry} if isinstance(entry, str) else entry
+            root = Path(entry["path"]).expanduser()
+            lm_root = Path(entry["landmarks_root"]).expanduser() if entry.get("landmarks_root") else None
+            layout = entry.get("layout", "auto")
+            subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+            if layout == "person":  # the folder itself is one identity
+                groups = [(root.name, _images(root))]
+            elif layout == "identities" or (layout == "auto" and subdirs):
+                groups = [(d.name, _images(d)) for d in subdirs]
+            else:
+                groups = [(None, _images(root))]
+            for ident, images in groups:
+                if ident is not None and (ident in exclude or (include is not None and ident not in include)):
+                    continue
+                key = None if ident is None else f"{root}/{ident}"
+                for img in images:
+                    if key is not None:
+                        self.by_identity.setdefault(key, []).append(len(self.samples))
+                    self.samples.append((img, key, landmark_path(img, root, lm_root)))
+        if not self.samples:
+            raise ValueError(f"no training images found in {roots}")
+        self.num_refs = int(opt.get("num_refs", 3)) if self.by_identity else 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 RGB face at 512x512 in [0, 1] and its component boxes."""
+        path, _, lm_path = self.samples[index]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"{path}: cannot read image")
+        h, w = bgr.shape[:2]
+        if (h, w) != (CROP_SIZE, CROP_SIZE):
+            bgr = cv2.resize(bgr, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        if lm_path.is_file():
+            landmarks = np.loadtxt(lm_path).reshape(68, 2) * [CROP_SIZE / w, CROP_SIZE / h]
+            boxes = boxes_from_landmarks(landmarks)
+        else:
+            boxes = TEMPLATE_BOXES.copy()
+        return img, boxes
+
+    def _augment(self, img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.opt.get("use_hflip", True) and random.random() < 0.5:
+            return flip(img, boxes)
+        return img, boxes
+
+    def degrade(self, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """GFPGAN's blind degradation: blur, downsample, noise, JPEG, colour jitter, gray."""
+        opt = self.opt
+        kernel = degradations.random_mixed_kernels(
+            opt.get("kernel_list", ["iso", "aniso"]), opt.get("kernel_prob", [0.5, 0.5]),
+            opt.get("blur_kernel_size", 41), opt.get("blur_sigma", [0.1, 10]), opt.get("blur_sigma", [0.1, 10]),
+            [-math.pi, math.pi], noise_range=None,
+        )
+        lq = cv2.filter2D(gt, -1, kernel)
+        scale = np.random.uniform(*opt.get("downsample_range", [0.8, 8]))
+        lq = cv2.resize(lq, (int(CROP_SIZE // scale), int(CROP_SIZE // scale)), interpolation=cv2.INTER_LINEAR)
+        if opt.get("noise_range") is not None:
+            lq = degradations.random_add_gaussian_noise(lq, opt["noise_range"])
+        if opt.get("jpeg_range") is not None:
+            lq = jpeg(lq, int(np.random.uniform(*opt["jpeg_range"])))
+        lq = cv2.resize(lq, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LINEAR)
+        if np.random.uniform() < opt.get("color_jitter_prob", 0.0):
+            shift = opt.get("color_jitter_shift", 20) / 255.0
+            lq = lq + np.random.uniform(-shift, shift, 3).astype(np.float32)
+        if np.random.uniform() < opt.get("gray_prob", 0.0):  # both, so the net learns to keep gray gray
+            lq = np.repeat(cv2.cvtColor(lq, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+            gt = np.repeat(cv2.cvtColor(gt, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+        return np.clip(np.round(lq * 255) / 255, 0, 1).astype(np.float32), gt
+
+    @staticmethod
+    def _tensor(img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) * 2 - 1
+
+    def __getitem__(self, index: int) -> dict:
+        if self.opt.get("deterministic"):  # validation: the same degradation and references every time
+            random.seed(index)
+            np.random.seed(index)
+        gt, boxes = self._augment(*self._load(index))
+        lq, gt = self.degrade(gt)
+        path, ident, _ = self.samples[index]
+        item = {"lq": self._tensor(lq), "gt": self._tensor(gt), "boxes": torch.from_numpy(boxes).long(),
+                "gt_path": str(path)}
+        if self.num_refs:
+            others = [i for i in self.by_identity.get(ident, []) if i != index] if ident else []
+            chosen = (random.sample(others, self.num_refs) if len(others) >= self.num_refs
+                      else random.choices(others, k=self.num_refs)) if others else []
+            refs = [self._augment(*self._load(i)) for i in chosen]
+            item["has_refs"] = torch.tensor(bool(refs))
+            item["refs"] = (torch.stack([self._tensor(r) for r, _ in refs]) if refs
+                            else torch.zeros(self.num_refs, 3, CROP_SIZE, CROP_SIZE))
+            item["ref_boxes"] = (torch.from_numpy(np.stack([b for _, b in refs])).long() if refs
+                                 else torch.from_numpy(np.stack([TEMPLATE_BOXES] * self.num_refs)).long())
+        return item

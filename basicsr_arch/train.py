@@ -1,0 +1,15 @@
+"""Train DMDNet with BasicSR: ``python basicsr_arch/train.py -opt options/dmdnet.yml``.
+
+BasicSR's usual flags work: --auto_resume, --debug, --launcher pytorch, --force_yml.
+"""
+import os.path as osp
+import sys
+
+ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+import basicsr_arch  # noqa: E402,F401  (registers DMDNet, DMDNetModel, DMDNetFaceDataset; applies fixes)
+from basicsr.train import train_pipeline  # noqa: E402
+
+if __name__ == "__main__":
+    train_pipeline(ROOT)

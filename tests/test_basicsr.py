@@ -1,0 +1,150 @@
+"""BasicSR integration: real training runs of `basicsr_arch/train.py` on CPU, resume, DDP, data."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import DATA
+from parity_inputs import read_face
+
+pytest.importorskip("basicsr")
+
+from basicsr_arch.dmdnet_dataset import DMDNetFaceDataset, flip  # noqa: E402
+
+from dmdnet_plugin import load_model  # noqa: E402
+from dmdnet_plugin.align import TEMPLATE_BOXES  # noqa: E402
+from dmdnet_plugin.cli import main as cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "options" / "test_dmdnet_tiny.yml"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def run_name():
+    name = f"pytest_{uuid.uuid4().hex[:8]}"
+    yield name
+    for folder in (ROOT / "experiments" / name, ROOT / "tb_logger" / name):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def train(name: str, *extra: str, launcher: list[str] | None = None, opt: Path = TINY) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["basicsr_arch/train.py", "-opt", str(opt), "--force_yml", f"name={name}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1" if launcher else os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+def log_text(name: str) -> str:
+    return "\n".join(p.read_text() for p in sorted((ROOT / "experiments" / name).glob("train_*.log")))
+
+
+def test_train_validate_load_and_resume_on_cpu(run_name):
+    proc = train(run_name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = ROOT / "experiments" / run_name
+    log = log_text(run_name)
+    assert "l_pix_generic" in log and "l_pix_specific" in log and "l_g_gan_d_eye_generic" in log
+    assert "Validation celebref_tiny_val @ 2: psnr_generic" in log and "psnr_input" in log
+    grids = sorted((exp / "visualization" / "celebref_tiny_val").glob("*_2.png"))
+    assert len(grids) == 3
+    import cv2
+    assert cv2.imread(str(grids[0])).shape == (512, 2048, 3)  # input | generic | reference-based | ground truth
+    assert list((ROOT / "tb_logger" / run_name).glob("events.out.tfevents.*"))
+
+    model = load_model(exp / "models" / "net_g_2.pth", device="cpu")
+    assert model.config == {"ngf": 8, "banks_num": 4}
+    out = model.restore(read_face(DATA / "lq" / "00005_17.jpg")[None], torch.from_numpy(TEMPLATE_BOXES)[None])
+    assert out.shape == (1, 3, 512, 512) and torch.isfinite(out).all()
+
+    proc = train(run_name, "train:total_iter=3", "--auto_resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = log_text(run_name)
+    assert "Resuming training from epoch: 0, iter: 2." in log and "iter:       3," in log
+    assert (exp / "models" / "net_g_latest.pth").exists()
+
+
+def test_two_process_ddp_on_gloo(run_name):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1"]
+    proc = train(run_name, "train:total_iter=1", "val:val_freq=100", "--launcher", "pytorch", launcher=torchrun)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = log_text(run_name)
+    assert "World size (gpu number): 2" in log and "iter:       1," in log
+    assert (ROOT / "experiments" / run_name / "models" / "net_g_latest.pth").exists()
+
+
+def test_missing_vgg_weights_stop_with_a_clear_message(run_name, tmp_path):
+    opt = yaml.safe_load(TINY.read_text())
+    opt["train"]["perceptual_opt"] = {"type": "PerceptualLoss", "layer_weights": {"conv5_4": 1.0},
+                                      "vgg_type": "vgg19", "perceptual_weight": 1.0, "style_weight": 50}
+    path = tmp_path / "percep.yml"
+    path.write_text(yaml.safe_dump(opt))
+    assert not (ROOT / "experiments" / "pretrained_models" / "vgg19-dcbb9e9d.pth").exists()
+    proc = train(run_name, opt=path)
+    assert proc.returncode != 0
+    assert "perceptual loss needs the VGG19 weights at" in proc.stderr and "remove train.perceptual_opt" in proc.stderr
+
+
+def test_dataset_references_flips_and_layouts(tmp_path):
+    base = {"name": "t", "num_refs": 2, "use_hflip": False, "downsample_range": [2, 3], "noise_range": [0, 5],
+            "jpeg_range": [80, 90], "phase": "train"}
+    ds = DMDNetFaceDataset({**base, "dataroot_gt": str(DATA / "celebref")})
+    assert len(ds) == 7 and ds.num_refs == 2
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["has_refs"] and item["refs"].shape == (2, 3, 512, 512)
+        target = item["gt_path"]
+        ident = Path(target).parent
+        # references come from the same person and never include the target itself
+        same = [read_face(p) for p in sorted(ident.glob("*.jpg")) if str(p) != target]
+        for ref in item["refs"]:
+            assert min(float((ref - s).abs().max()) for s in same) < 1e-6
+        assert item["lq"].shape == item["gt"].shape == (3, 512, 512)
+        assert -1 <= item["lq"].min() and item["lq"].max() <= 1
+    # authors' landmark files give the authors' boxes
+    assert ds[0]["boxes"].tolist() == __import__("json").loads((DATA / "boxes_expected.json").read_text())[
+        "celebref_00005/0.png.txt"]
+
+    plain = tmp_path / "ffhq"
+    plain.mkdir()
+    shutil.copy(DATA / "lq" / "00005_17.jpg", plain / "a.jpg")
+    flat = DMDNetFaceDataset({**base, "dataroot_gt": str(plain)})
+    assert flat.num_refs == 0 and "refs" not in flat[0]
+    assert flat[0]["boxes"].tolist() == TEMPLATE_BOXES.tolist()  # no landmarks: template boxes
+
+    held_out = DMDNetFaceDataset({**base, "dataroot_gt": str(DATA / "celebref"), "exclude_identities": ["00022"]})
+    assert len(held_out) == 4
+
+
+def test_flip_mirrors_boxes_and_keeps_the_left_eye_first():
+    img = np.zeros((512, 512, 3), np.float32)
+    img[100:120, 50:70] = 1  # a mark inside the left-eye box
+    boxes = np.array([[40, 90, 80, 130], [300, 90, 360, 130], [200, 200, 260, 260], [180, 300, 330, 400]])
+    flipped_img, flipped = flip(img, boxes)
+    assert flipped[1].tolist() == [432, 90, 472, 130]  # the old left eye is now on the right
+    assert flipped[0].tolist() == [152, 90, 212, 130]
+    x1, y1, x2, y2 = flipped[1]
+    assert flipped_img[y1:y2, x1:x2].sum() == img[90:130, 40:80].sum() > 0
+
+
+def test_landmarks_command_caches_files_the_dataset_reads(tmp_path):
+    folder = tmp_path / "person"
+    shutil.copytree(DATA / "celebref" / "00022", folder, ignore=shutil.ignore_patterns("*.txt"))
+    assert cli(["landmarks", str(folder)]) == 0
+    for img in sorted(folder.glob("*.jpg")):
+        ours = np.loadtxt(img.with_name(img.name + ".txt"))
+        authors = np.loadtxt(DATA / "celebref" / "00022" / (img.name + ".txt"))
+        assert ours.shape == (68, 2) and np.linalg.norm(ours - authors, axis=1).mean() < 12
+    ds = DMDNetFaceDataset({"name": "t", "dataroot_gt": str(tmp_path), "num_refs": 1, "phase": "train"})
+    assert ds[0]["boxes"].tolist() != TEMPLATE_BOXES.tolist()
