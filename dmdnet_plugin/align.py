@@ -83,6 +83,12 @@ def _feather_mask() -> np.ndarray:
 CROP_MASK = _feather_mask()
 
 
+def face_mask(height: int, width: int, matrix: np.ndarray) -> np.ndarray:
+    """How strongly :func:`paste_face` blends this face into each pixel of an image that size."""
+    return cv2.warpAffine(CROP_MASK, cv2.invertAffineTransform(matrix), (width, height), flags=cv2.INTER_LINEAR,
+                          borderValue=0)
+
+
 def paste_face(canvas: np.ndarray, crop: np.ndarray, matrix: np.ndarray, strength: float = 1.0) -> None:
     """Blend a 512x512 float RGB ``crop`` into ``canvas`` in place, through the inverse of ``matrix``.
 

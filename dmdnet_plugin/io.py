@@ -29,7 +29,8 @@ class ImageError(ValueError):
 
 @dataclass
 class Picture:
-    """A decoded photo: ``pixels`` exactly as stored (HxW or HxWxC, uint8/uint16, RGB order)."""
+    """A photo: ``pixels`` exactly as stored (HxW or HxWx3, RGB order), uint8, uint16, or float32
+    in [0, 1] (images handed over by ComfyUI or Gradio)."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
@@ -40,7 +41,9 @@ class Picture:
         return self.pixels.ndim == 2
 
     @property
-    def max_value(self) -> int:
+    def max_value(self) -> float:
+        if self.pixels.dtype.kind == "f":
+            return 1.0
         return 65535 if self.pixels.dtype == np.uint16 else 255
 
     @property

@@ -78,11 +78,14 @@ def tensor_to_crops(t: torch.Tensor) -> list[np.ndarray]:
 
 
 class Restorer:
-    """Restores every face of a photo with one model, a face backend and optional identities."""
+    """Restores every face of a photo with one model, a face backend and optional identities.
+
+    ``model`` may be None for detection and alignment alone (ComfyUI's Detect Faces node).
+    """
 
     def __init__(
         self,
-        model: DMDNet,
+        model: DMDNet | None,
         backend: DlibBackend | None = None,
         identities: Sequence[IdentityDictionary] = (),
         threshold: float = DEFAULT_THRESHOLD,

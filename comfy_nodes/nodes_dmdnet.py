@@ -1,0 +1,293 @@
+"""ComfyUI nodes for DMDNet: load, detect faces, build / save / load identities, restore.
+
+Glue only: detection, alignment, identity matching, restoration and paste-back are
+dmdnet_plugin's Restorer, the same code the CLI and the Gradio demo run. IMAGE is
+[B, H, W, C] float in 0..1 and MASK is [B, H, W], as everywhere in ComfyUI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+from dmdnet_plugin.align import face_mask
+from dmdnet_plugin.components import CROP_SIZE
+from dmdnet_plugin.faces import get_backend
+from dmdnet_plugin.identity import IdentityDictionary
+from dmdnet_plugin.io import Picture
+from dmdnet_plugin.pipeline import DEFAULT_THRESHOLD, MIN_FACE, AlignedFace, Restorer
+from dmdnet_plugin.weights import load_model
+
+MODEL_FOLDERS = ("dmdnet", "facerestore_models")
+IDENTITY_FOLDER = "dmdnet_identities"
+CATEGORY = "DMDNet"
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
+log = logging.getLogger("dmdnet")
+
+
+def register_folders() -> None:
+    """models/dmdnet, models/facerestore_models and models/dmdnet_identities."""
+    for name, exts in ((MODEL_FOLDERS[0], {".pth", ".safetensors"}), (MODEL_FOLDERS[1], {".pth", ".safetensors"}),
+                       (IDENTITY_FOLDER, {".safetensors"})):
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], exts)
+
+
+register_folders()
+
+
+@functools.lru_cache(maxsize=None)
+def backend(detector: str = "auto"):
+    """Face backends load their model files once per ComfyUI process."""
+    return get_backend(detector)
+
+
+@dataclass
+class DMDNetModel:
+    """What flows on a DMDNET_MODEL wire: the net (kept on the offload device between runs)."""
+
+    net: torch.nn.Module
+    name: str
+
+
+@dataclass
+class DMDNetFaces:
+    """What flows on a DMDNET_FACES wire: aligned faces with their source image index."""
+
+    faces: list[AlignedFace]
+    sizes: list[tuple[int, int]]  # (h, w) of every source image
+
+
+def _pictures(image: torch.Tensor) -> list[Picture]:
+    return [Picture(np.ascontiguousarray(img.cpu().float().numpy()), None, "comfy") for img in image]
+
+
+def _crops_image(crops: list[np.ndarray]) -> torch.Tensor:
+    if not crops:
+        return torch.zeros(1, CROP_SIZE, CROP_SIZE, 3)
+    return torch.from_numpy(np.stack(crops)).float()
+
+
+class _OnDevice:
+    """Move the net to ComfyUI's torch device for one run and back to the offload device after."""
+
+    def __init__(self, model: DMDNetModel) -> None:
+        self.model = model
+
+    def __enter__(self) -> torch.nn.Module:
+        device = mm.get_torch_device()
+        mm.free_memory(mm.module_size(self.model.net) + 2 * 1024**3, device)  # weights + activations
+        return self.model.net.to(device)
+
+    def __exit__(self, *exc) -> None:
+        self.model.net.to(mm.unet_offload_device())
+        mm.soft_empty_cache()
+
+
+def _progress(total: int):
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, _total: int) -> None:
+        bar.update_absolute(done, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    return update
+
+
+class DMDNetModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)})
+        return {"required": {
+            "model_name": (names, {"tooltip": "checkpoint in models/dmdnet or models/facerestore_models"}),
+            "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
+                          "tooltip": "auto: fp16 on CUDA, fp32 on CPU"}),
+        }}
+
+    RETURN_TYPES = ("DMDNET_MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a DMDNet checkpoint (the authors' DMDNet.pth, .safetensors or a BasicSR checkpoint)."
+
+    def load(self, model_name: str, precision: str):
+        path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, model_name))), None)
+        if path is None:
+            raise FileNotFoundError(f"DMDNet checkpoint {model_name} not found in models/dmdnet")
+        if precision == "auto":
+            precision = "fp16" if mm.get_torch_device().type == "cuda" else "fp32"
+        net = load_model(path, device=mm.unet_offload_device(), dtype=precision)
+        return (DMDNetModel(net, model_name),)
+
+
+class DMDNetDetectFaces:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE",),
+            "detector": (["auto", "hog", "cnn", "retinaface"], {"default": "auto",
+                         "tooltip": "auto: RetinaFace when its weights are in $DMDNET_FACEXLIB_DIR, else dlib HOG"}),
+            "min_face_size": ("INT", {"default": MIN_FACE, "min": 8, "max": 4096, "tooltip": "skip narrower faces (px)"}),
+            "max_faces": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "0: all faces"}),
+            "largest_only": ("BOOLEAN", {"default": False}),
+        }}
+
+    RETURN_TYPES = ("DMDNET_FACES", "IMAGE", "MASK")
+    RETURN_NAMES = ("faces", "aligned_crops", "face_mask")
+    FUNCTION = "detect"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Finds faces, aligns each to the 512x512 template and returns the crops and a mask of the face regions."
+
+    def detect(self, image, detector, min_face_size, max_faces, largest_only):
+        finder = Restorer(None, backend(detector), min_face=min_face_size, max_faces=max_faces or None,
+                          only_largest=largest_only)
+        faces, sizes = [], []
+        masks = torch.zeros(image.shape[0], image.shape[1], image.shape[2])
+        for index, picture in enumerate(_pictures(image)):
+            found, _ = finder.detect(picture.rgb(), source_index=index)
+            h, w = picture.pixels.shape[:2]
+            sizes.append((h, w))
+            for f in found:
+                masks[index] = torch.maximum(masks[index], torch.from_numpy(face_mask(h, w, f.matrix)))
+            faces += found
+        if not faces:
+            log.warning("DMDNet Detect Faces: no face found")
+        return (DMDNetFaces(faces, sizes), _crops_image([f.crop for f in faces]), masks)
+
+
+class DMDNetBuildIdentity:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("DMDNET_MODEL",),
+            "reference_images": ("IMAGE", {"tooltip": "a few good photos of one person; the largest face of each is used"}),
+            "name": ("STRING", {"default": "person"}),
+        }, "optional": {
+            "identities": ("DMDNET_IDENTITY", {"tooltip": "chain: identities to keep alongside the new one"}),
+        }}
+
+    RETURN_TYPES = ("DMDNET_IDENTITY",)
+    RETURN_NAMES = ("identities",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Builds a person's specific dictionary from reference photos (once; save it to reuse)."
+
+    def build(self, model, reference_images, name, identities=None):
+        refs = [(f"reference {i + 1}", p.rgb()) for i, p in enumerate(_pictures(reference_images))]
+        with _OnDevice(model) as net:
+            ident, rejected = Restorer(net, backend()).build_identity(refs, name=name or None)
+        for reason in rejected:
+            log.warning("DMDNet Build Identity: %s", reason)
+        return (list(identities or []) + [ident],)
+
+
+def identity_path(name: str) -> str:
+    """The file for ``name`` in models/dmdnet_identities; a name can never leave that folder."""
+    stem = name.removesuffix(".safetensors")
+    if not _NAME_OK.match(stem) or ".." in stem:
+        raise ValueError(f"invalid identity name {name!r}: use letters, digits, space, '_', '-' and '.'")
+    folder = os.path.realpath(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0])
+    path = os.path.realpath(os.path.join(folder, stem + ".safetensors"))
+    if os.path.dirname(path) != folder:
+        raise ValueError(f"invalid identity name {name!r}")
+    return path
+
+
+class DMDNetSaveIdentity:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"identities": ("DMDNET_IDENTITY",), "name": ("STRING", {"default": "person"})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Saves the (last) identity dictionary to models/dmdnet_identities/NAME.safetensors."
+
+    def save(self, identities, name):
+        path = identity_path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        identities[-1].save(path)
+        return {"ui": {"text": [f"saved {os.path.basename(path)} ({identities[-1].n_refs} references)"]}}
+
+
+class DMDNetLoadIdentity:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"identity_name": (folder_paths.get_filename_list(IDENTITY_FOLDER),)},
+                "optional": {"identities": ("DMDNET_IDENTITY", {"tooltip": "chain several identities"})}}
+
+    RETURN_TYPES = ("DMDNET_IDENTITY",)
+    RETURN_NAMES = ("identities",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a saved identity dictionary; chain several, each face gets the nearest one."
+
+    def load(self, identity_name, identities=None):
+        return (list(identities or []) + [IdentityDictionary.load(identity_path(identity_name))],)
+
+
+class DMDNetRestoreFaces:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("DMDNET_MODEL",),
+            "image": ("IMAGE",),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                         "tooltip": "blend of the restored faces over the original"}),
+            "match_threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 2.0, "step": 0.01,
+                                "tooltip": "largest face-embedding distance that counts as the same person"}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64}),
+        }, "optional": {
+            "faces": ("DMDNET_FACES", {"tooltip": "from DMDNet Detect Faces; detected here when absent"}),
+            "identities": ("DMDNET_IDENTITY", {"tooltip": "each face is restored with the nearest identity, if close enough"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("image", "restored_faces")
+    FUNCTION = "restore"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Restores every face (reference-based for faces that match an identity) and pastes them back."
+
+    def restore(self, model, image, strength, match_threshold, batch_size, faces=None, identities=None):
+        pictures = _pictures(image)
+        with _OnDevice(model) as net:
+            restorer = Restorer(net, backend(), identities or [], threshold=match_threshold, batch_size=batch_size)
+            if faces is None:
+                found = [f for i, p in enumerate(pictures) for f in restorer.detect(p.rgb(), source_index=i)[0]]
+            else:  # copies: ComfyUI caches the detector's output, which must not change
+                found = [dataclasses.replace(f) for f in faces.faces]
+            if not found:
+                log.warning("DMDNet Restore Faces: no face found, the image passes through unchanged")
+                return (image, _crops_image([]))
+            restorer.match(found)
+            restorer.restore_faces(found, progress=_progress(len(found)))
+        out = [torch.from_numpy(Restorer.paste(p, [f for f in found if f.source_index == i], strength=strength)[0])
+               for i, p in enumerate(pictures)]
+        return (torch.stack(out).clamp(0, 1), _crops_image([f.restored for f in found]))
+
+
+NODE_CLASS_MAPPINGS = {
+    "DMDNetModelLoader": DMDNetModelLoader,
+    "DMDNetDetectFaces": DMDNetDetectFaces,
+    "DMDNetBuildIdentity": DMDNetBuildIdentity,
+    "DMDNetSaveIdentity": DMDNetSaveIdentity,
+    "DMDNetLoadIdentity": DMDNetLoadIdentity,
+    "DMDNetRestoreFaces": DMDNetRestoreFaces,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DMDNetModelLoader": "DMDNet Model Loader",
+    "DMDNetDetectFaces": "DMDNet Detect Faces",
+    "DMDNetBuildIdentity": "DMDNet Build Identity Dictionary",
+    "DMDNetSaveIdentity": "DMDNet Save Identity Dictionary",
+    "DMDNetLoadIdentity": "DMDNet Load Identity Dictionary",
+    "DMDNetRestoreFaces": "DMDNet Restore Faces",
+}

@@ -1,0 +1,107 @@
+"""Writes the example workflows in both ComfyUI formats from one description.
+
+    python comfy_nodes/workflows/build_workflows.py
+
+``<name>.json`` is the UI (LiteGraph) format to drag into ComfyUI; ``<name>_api.json`` is the
+API format to POST to /prompt. Describing each graph once keeps the two from drifting apart.
+The images they load are in examples/ (copy them into ComfyUI/input).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# class -> (widget inputs in order, link inputs in order, outputs as (name, type))
+NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]] = {
+    "LoadImage": (["image", "upload"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "ImageBatch": ([], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
+    "DMDNetModelLoader": (["model_name", "precision"], [], [("DMDNET_MODEL", "DMDNET_MODEL")]),
+    "DMDNetDetectFaces": (["detector", "min_face_size", "max_faces", "largest_only"], [("image", "IMAGE")],
+                          [("faces", "DMDNET_FACES"), ("aligned_crops", "IMAGE"), ("face_mask", "MASK")]),
+    "DMDNetBuildIdentity": (["name"], [("model", "DMDNET_MODEL"), ("reference_images", "IMAGE"),
+                                       ("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
+    "DMDNetSaveIdentity": (["name"], [("identities", "DMDNET_IDENTITY")], []),
+    "DMDNetLoadIdentity": (["identity_name"], [("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
+    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size"],
+                           [("model", "DMDNET_MODEL"), ("image", "IMAGE"), ("faces", "DMDNET_FACES"),
+                            ("identities", "DMDNET_IDENTITY")], [("image", "IMAGE"), ("restored_faces", "IMAGE")]),
+}
+MODEL = "dmdnet.safetensors"
+
+# name -> {node id: (class, widget values, {link input: (source id, output slot)})}
+WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = {
+    "generic_restore": {
+        1: ("LoadImage", ["family.jpg", "image"], {}),
+        2: ("DMDNetModelLoader", [MODEL, "auto"], {}),
+        3: ("DMDNetRestoreFaces", [1.0, 0.5, 4], {"model": (2, 0), "image": (1, 0)}),
+        4: ("SaveImage", ["dmdnet_generic"], {"images": (3, 0)}),
+        5: ("SaveImage", ["dmdnet_generic_faces"], {"images": (3, 1)}),
+    },
+    "build_identity": {
+        1: ("LoadImage", ["o1.jpg", "image"], {}),
+        2: ("LoadImage", ["o2.jpg", "image"], {}),
+        3: ("LoadImage", ["o3.jpg", "image"], {}),
+        4: ("ImageBatch", [], {"image1": (1, 0), "image2": (2, 0)}),
+        5: ("ImageBatch", [], {"image1": (4, 0), "image2": (3, 0)}),
+        6: ("DMDNetModelLoader", [MODEL, "auto"], {}),
+        7: ("DMDNetBuildIdentity", ["obama"], {"model": (6, 0), "reference_images": (5, 0)}),
+        8: ("DMDNetSaveIdentity", ["obama"], {"identities": (7, 0)}),
+    },
+    "group_photo_identities": {
+        1: ("LoadImage", ["group.jpg", "image"], {}),
+        2: ("DMDNetModelLoader", [MODEL, "auto"], {}),
+        3: ("DMDNetDetectFaces", ["auto", 24, 0, False], {"image": (1, 0)}),
+        4: ("DMDNetLoadIdentity", ["obama.safetensors"], {}),
+        5: ("DMDNetLoadIdentity", ["person2.safetensors"], {"identities": (4, 0)}),
+        6: ("DMDNetRestoreFaces", [1.0, 0.5, 4], {"model": (2, 0), "image": (1, 0), "faces": (3, 0),
+                                                  "identities": (5, 0)}),
+        7: ("SaveImage", ["dmdnet_group"], {"images": (6, 0)}),
+        8: ("SaveImage", ["dmdnet_group_faces"], {"images": (6, 1)}),
+    },
+}
+
+
+def api_format(graph: dict) -> dict:
+    prompt = {}
+    for node_id, (cls, widgets, links) in graph.items():
+        names = [w for w in NODE_SPECS[cls][0] if w != "upload"]
+        inputs = dict(zip(names, widgets))
+        inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
+        prompt[str(node_id)] = {"class_type": cls, "inputs": inputs}
+    return prompt
+
+
+def ui_format(graph: dict) -> dict:
+    links, nodes = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for node_id, (cls, _, inputs) in graph.items():
+        for name, (src, slot) in inputs.items():
+            link_id = len(links) + 1
+            out_type = NODE_SPECS[graph[src][0]][2][slot][1]
+            links.append([link_id, src, slot, node_id, [n for n, _ in NODE_SPECS[cls][1]].index(name), out_type])
+            out_links.setdefault((src, slot), []).append(link_id)
+    link_of = {(l[3], l[4]): l[0] for l in links}
+    for order, (node_id, (cls, widgets, _)) in enumerate(graph.items()):
+        _, link_inputs, outputs = NODE_SPECS[cls]
+        nodes.append({
+            "id": node_id, "type": cls, "pos": [60 + 380 * (order % 4), 60 + 360 * (order // 4)], "size": [340, 300],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_of.get((node_id, i))} for i, (n, t) in enumerate(link_inputs)],
+            "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": cls},
+            "widgets_values": widgets,
+        })
+    return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def main(folder: Path = Path(__file__).parent) -> None:
+    for name, graph in WORKFLOWS.items():
+        (folder / f"{name}.json").write_text(json.dumps(ui_format(graph), indent=1) + "\n")
+        (folder / f"{name}_api.json").write_text(json.dumps(api_format(graph), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
