@@ -16,6 +16,15 @@ LRELU_SLOPE = 0.2
 _SN_EPS = 1e-12
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current values, for caches: storage plus in-place version.
+
+    Tensors made under ``torch.inference_mode()`` (ComfyUI runs every node in it) keep no
+    version counter; they cannot be changed in place outside that mode, so storage suffices.
+    """
+    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
+
+
 class SNConv2d(nn.Conv2d):
     """Conv2d with spectral norm stored as ``torch.nn.utils.spectral_norm`` stores it.
 
@@ -58,7 +67,7 @@ class SNConv2d(nn.Conv2d):
         if not self.fold or (torch.is_grad_enabled() and self.weight_orig.requires_grad):
             return self._normalised(self.weight_u, self.weight_v)
         tensors = (self.weight_orig, self.weight_u, self.weight_v)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = tuple(tensor_key(t) for t in tensors)
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 folded = self._normalised(self.weight_u, self.weight_v)

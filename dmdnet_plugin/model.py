@@ -43,6 +43,7 @@ from .layers import (
     attention_block,
     conv_pair,
     sn_conv,
+    tensor_key,
 )
 
 SCALES = (256, 128, 64)
@@ -328,7 +329,7 @@ class DMDNet(nn.Module):
             for n, t in self.state_dict(keep_vars=True).items()
             if n.startswith("E_hq.") or "_KV." in n
         ]
-        key = tuple((t.data_ptr(), t._version) for _, t in named)
+        key = tuple(tensor_key(t) for _, t in named)
         if self._fingerprint is None or self._fingerprint[0] != key:
             digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
             for n, t in named:

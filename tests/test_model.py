@@ -127,3 +127,17 @@ def test_cuda_fp16_matches_fp32_without_host_sync(official_net):
     finally:
         net.compute_dtype = None
         net.cpu()
+
+
+def test_inference_mode_weights_work(small):
+    """ComfyUI loads and runs nodes under torch.inference_mode()."""
+    from conftest import small_net
+
+    lq = load_parity_inputs()["lq"][:1]
+    boxes = load_parity_inputs()["lq_boxes"][:1]
+    expected = small.restore(lq, boxes)
+    with torch.inference_mode():
+        net = small_net()
+        out = net.restore(lq, boxes)
+        assert net.fingerprint() == small.fingerprint()
+    assert torch.equal(out, expected)
