@@ -5,13 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gradio clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)            # torch first: everything else builds against it
-	$(PY) -m pip install -q -e ".[test,basicsr]"
+	$(PY) -m pip install -q -e ".[test,basicsr,gradio]"
 	$(PY) -m pip install -q --no-deps --no-build-isolation basicsr-fixed==1.4.2
 	touch $(STAMP)
 
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dmdnet_plugin.demo
+
+gradio: $(STAMP)
+	$(PY) gradio_app.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py

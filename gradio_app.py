@@ -1,0 +1,179 @@
+"""Gradio demo: upload a photo and a few good pictures of the same person, compare the results.
+
+    python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda] [--share]
+
+Glue around dmdnet_plugin's Restorer (the CLI's pipeline). The model loads once and is
+shared by all requests; the queue runs one restoration at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+
+from dmdnet_plugin.faces import get_backend
+from dmdnet_plugin.identity import IdentityDictionary, IdentityError
+from dmdnet_plugin.io import ImageError, Picture, read_image, write_image
+from dmdnet_plugin.pipeline import Restorer
+from dmdnet_plugin.weights import WeightsError, load_model
+
+ROOT = Path(__file__).resolve().parent
+MAX_UPLOAD = "25mb"
+MODES = ["auto", "generic", "reference-based"]
+
+
+@dataclass
+class Settings:
+    weights: str | None = None
+    device: str | None = None
+
+
+SETTINGS = Settings()
+_SHARED: dict = {}
+
+
+def shared_model():
+    """The model and face backend, loaded on first use and shared by every request."""
+    if "model" not in _SHARED:
+        _SHARED["model"] = load_model(SETTINGS.weights, device=SETTINGS.device)
+        _SHARED["backend"] = get_backend()
+    return _SHARED["model"], _SHARED["backend"]
+
+
+def _readable(exc: Exception, paths: list[str]) -> str:
+    """The error without the server's temporary upload folders."""
+    text = str(exc)
+    for path in paths:
+        text = text.replace(path, Path(path).name)
+    return text
+
+
+def _display(pixels: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """8-bit RGB for the browser, whatever the photo's depth or layout; optionally resized (w, h)."""
+    rgb = Picture(pixels, None, "").rgb8()
+    return rgb if size is None or size == rgb.shape[1::-1] else cv2.resize(rgb, size, interpolation=cv2.INTER_LANCZOS4)
+
+
+def _identity(restorer: Restorer, ref_paths: list[str], identity_path: str | None):
+    """The identity to use (uploaded, or built from the references), its file, and notes."""
+    if identity_path:
+        ident = IdentityDictionary.load(identity_path)
+        ident.check_fits(restorer.model.fingerprint())
+        return ident, None, []
+    if not ref_paths:
+        return None, None, []
+    refs, notes = [], []
+    for path in ref_paths:
+        try:
+            refs.append((Path(path).name, read_image(path).rgb()))
+        except ImageError as exc:
+            notes.append(f"reference skipped: {_readable(exc, [path])}")
+    ident, rejected = restorer.build_identity(refs, name="person")
+    out = Path(tempfile.mkdtemp(prefix="dmdnet_")) / "identity.safetensors"
+    ident.save(out)
+    return ident, str(out), notes + [f"reference skipped: {r}" for r in rejected]
+
+
+def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str | None, mode: str,
+            upscale: float, strength: float, largest_only: bool, progress=gr.Progress()):
+    """Everything the page shows for one request; problems become one readable message."""
+    if not photo:
+        raise gr.Error("Upload a photo first.")
+    ref_paths = list(ref_paths or [])
+    try:
+        model, backend = shared_model()
+        restorer = Restorer(model, backend, only_largest=largest_only)
+        picture = read_image(photo)
+        progress(0.1, desc="identity dictionary")
+        ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
+        if mode == "reference-based" and ident is None:
+            raise gr.Error("Reference-based mode needs reference photos or an identity dictionary.")
+        progress(0.3, desc="finding faces")
+        faces, _ = restorer.detect(picture.rgb())
+        if not faces:
+            raise gr.Error("No face found in this photo.")
+        restorer.identities = [ident] if ident is not None else []
+        restorer.match(faces)  # auto: only faces close enough to the references use them
+        plan = {"generic": [None] * len(faces)}
+        if ident is not None and mode != "generic":
+            plan["reference-based"] = [ident if mode == "reference-based" else f.identity for f in faces]
+        results = {}
+        for step, (branch, assigned) in enumerate(plan.items()):
+            progress(0.4 + 0.3 * step, desc=f"restoring ({branch})")
+            for f, chosen in zip(faces, assigned):
+                f.identity = chosen
+            restorer.restore_faces(faces)
+            pixels, alpha = restorer.paste(picture, faces, upscale, strength)
+            results[branch] = (pixels, alpha, [f.restored for f in faces], sum(c is not None for c in assigned))
+    except (WeightsError, ImageError, IdentityError, ValueError) as exc:
+        raise gr.Error(_readable(exc, [photo, *ref_paths, identity_path or ""])) from None
+    pixels, alpha, crops, matched = results.get("reference-based", results["generic"])
+    out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
+    write_image(out_file, pixels, alpha)
+    after = _display(pixels)
+    message = f"{len(faces)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
+    message += "".join(f"\n\n{n}" for n in notes)
+    return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results["generic"][0]),
+            _display(results["reference-based"][0]) if "reference-based" in results else None,
+            [(np.round(c * 255).astype(np.uint8), f"face {i + 1}") for i, c in enumerate(crops)],
+            str(out_file), ident_file, message)
+
+
+def build_ui() -> gr.Blocks:
+    examples = ROOT / "examples"
+    refs = sorted(str(p) for p in (examples / "refs" / "obama").glob("*.jpg"))
+    with gr.Blocks(title="DMDNet face restoration") as demo:
+        gr.Markdown("# DMDNet face restoration\nUpload a photo, and optionally a few good photos of the same person "
+                    "(or a saved identity dictionary) to keep that person's own features.")
+        with gr.Row():
+            with gr.Column():
+                photo = gr.Image(type="filepath", label="Photo (whole or an aligned face)")
+                references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
+                identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
+                mode = gr.Radio(MODES, value="auto", label="Mode",
+                                info="auto: faces that match the references get reference-based restoration")
+                with gr.Row():
+                    upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
+                    strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
+                largest = gr.Checkbox(False, label="Largest face only")
+                run = gr.Button("Restore", variant="primary")
+            with gr.Column():
+                slider = gr.ImageSlider(label="Before / after")
+                with gr.Row():
+                    generic = gr.Image(label="Generic", interactive=False)
+                    specific = gr.Image(label="Reference-based", interactive=False)
+                gallery = gr.Gallery(label="Restored faces", columns=4, height=220)
+                with gr.Row():
+                    result_file = gr.File(label="Full-resolution result")
+                    identity_file = gr.File(label="Identity dictionary (reuse it later)")
+                status = gr.Markdown()
+        run.click(restore, [photo, references, identity, mode, upscale, strength, largest],
+                  [slider, generic, specific, gallery, result_file, identity_file, status], api_name="restore")
+        gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
+                     [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],
+                    [photo, references, identity, mode, upscale, strength, largest])
+    return demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="DMDNet Gradio demo")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--weights", help="checkpoint; default: the discovery order in the README")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    args = parser.parse_args()
+    SETTINGS.weights, SETTINGS.device = args.weights, args.device
+    demo = build_ui()
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
+                show_error=True, allowed_paths=[str(ROOT / "examples")])
+
+
+if __name__ == "__main__":
+    main()

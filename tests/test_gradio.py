@@ -1,0 +1,152 @@
+"""The Gradio demo: its functions, the launched app through gradio_client, and a real browser."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import small_net
+from parity_inputs import load_parity_inputs
+
+gr = pytest.importorskip("gradio")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import gradio_app  # noqa: E402
+
+from dmdnet_plugin import IdentityDictionary  # noqa: E402
+from dmdnet_plugin.weights import save_checkpoint  # noqa: E402
+
+PHOTO = ROOT / "examples" / "photos" / "obama_lowres.jpg"
+REFS = sorted(str(p) for p in (ROOT / "examples" / "refs" / "obama").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_checkpoint(small_net(), tmp_path_factory.mktemp("w") / "small.safetensors")
+
+
+@pytest.fixture
+def app(weights):
+    gradio_app.SETTINGS.weights, gradio_app.SETTINGS.device = str(weights), "cpu"
+    gradio_app._SHARED.clear()
+    yield gradio_app
+    gradio_app._SHARED.clear()
+
+
+def call(app, photo, refs=None, identity=None, mode="auto", upscale=1.0, strength=1.0, largest=False):
+    return app.restore(str(photo) if photo else None, refs, identity, mode, upscale, strength, largest,
+                       progress=lambda *a, **k: None)
+
+
+def test_photo_with_references_gives_both_results_and_downloads(app):
+    (before, after), generic, specific, crops, result_file, identity_file, message = call(app, PHOTO, REFS)
+    h, w = cv2.imread(str(PHOTO)).shape[:2]
+    assert before.shape == after.shape == generic.shape == specific.shape == (h, w, 3)
+    assert not np.array_equal(generic, specific)
+    assert len(crops) == 1 and crops[0][0].shape == (512, 512, 3)
+    assert cv2.imread(result_file).shape == (h, w, 3)
+    ident = IdentityDictionary.load(identity_file)
+    assert ident.n_refs == len(REFS)
+    assert "1 face(s) restored, 1 with the identity dictionary" in message
+    # the dictionary is reusable: uploading it gives the same reference-based result
+    again = call(app, PHOTO, None, identity_file)
+    assert np.array_equal(again[2], specific) and again[5] is None
+    # upscale: the slider's before image is resized to the result
+    (before, after), *_ = call(app, PHOTO, mode="generic", upscale=2.0)
+    assert before.shape == after.shape == (2 * h, 2 * w, 3)
+
+
+def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
+    sky = tmp_path / "sky.png"
+    cv2.imwrite(str(sky), np.full((300, 400, 3), 180, np.uint8))
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    for args, expected in (
+        ((None,), "Upload a photo first."),
+        ((sky,), "No face found in this photo."),
+        ((notes,), "notes.png: not an image file"),
+        ((PHOTO, None, None, "reference-based"), "needs reference photos or an identity dictionary"),
+    ):
+        with pytest.raises(gr.Error, match=expected) as err:
+            call(app, *args)
+        assert str(tmp_path) not in str(err.value)
+    inputs = load_parity_inputs()
+    foreign = small_net(seed=3).build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
+    path = foreign.save(tmp_path / "foreign.safetensors")
+    with pytest.raises(gr.Error, match="rebuild it from its references"):
+        call(app, PHOTO, None, str(path))
+    app._SHARED.clear()
+    monkeypatch.setattr(app.SETTINGS, "weights", None)
+    monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DMDNET_WEIGHTS_URL", "http://127.0.0.1:9/DMDNet.pth")
+    monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
+    with pytest.raises(gr.Error, match="no DMDNet weights found"):
+        call(app, PHOTO)
+
+
+@pytest.fixture(scope="module")
+def server(weights, tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("gradio") / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gradio_app.py"), "--port", str(port), "--weights", str(weights),
+                             "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_launched_app_through_gradio_client(server):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    out = client.predict(handle_file(str(PHOTO)), [handle_file(r) for r in REFS[:2]], None, "auto", 1, 1.0, False,
+                         api_name="/restore")
+    slider, generic, specific, crops, result_file, identity_file, message = out
+    assert cv2.imread(result_file).shape == cv2.imread(str(PHOTO)).shape
+    assert IdentityDictionary.load(identity_file).n_refs == 2
+    assert "with the identity dictionary" in message
+
+
+def test_browser_uploads_and_restores(server, tmp_path):
+    chromium = shutil.which("chromium")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(server)
+        page.locator("input[type=file]").first.set_input_files(str(PHOTO))
+        page.wait_for_timeout(1000)
+        page.get_by_role("button", name="Restore").click()
+        page.get_by_text("face(s) restored").wait_for(timeout=120000)
+        shot = tmp_path / "gradio.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    if os.environ.get("DMDNET_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["DMDNET_SCREENSHOTS"]) / "gradio_restore.png")
+    assert shot.stat().st_size > 10000
