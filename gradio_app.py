@@ -55,7 +55,7 @@ def _readable(exc: Exception, paths: list[str]) -> str:
 
 def _display(pixels: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
     """8-bit RGB for the browser, whatever the photo's depth or layout; optionally resized (w, h)."""
-    rgb = Picture(pixels, None, "").rgb8()
+    rgb = Picture(pixels).rgb8()
     return rgb if size is None or size == rgb.shape[1::-1] else cv2.resize(rgb, size, interpolation=cv2.INTER_LANCZOS4)
 
 

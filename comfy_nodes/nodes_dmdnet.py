@@ -68,7 +68,7 @@ class DMDNetFaces:
 
 
 def _pictures(image: torch.Tensor) -> list[Picture]:
-    return [Picture(np.ascontiguousarray(img.cpu().float().numpy()), None, "comfy") for img in image]
+    return [Picture(np.ascontiguousarray(img.cpu().float().numpy())) for img in image]
 
 
 def _crops_image(crops: list[np.ndarray]) -> torch.Tensor:

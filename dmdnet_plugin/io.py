@@ -33,8 +33,7 @@ class Picture:
     in [0, 1] (images handed over by ComfyUI or Gradio)."""
 
     pixels: np.ndarray
-    alpha: np.ndarray | None
-    source_format: str
+    alpha: np.ndarray | None = None
 
     @property
     def gray(self) -> bool:
@@ -102,7 +101,6 @@ def decode_image(data: bytes, name: str = "<image>") -> Picture:
         raise ImageError(f"{name}: empty file")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            fmt = (im.format or "").upper()
             orientation = im.getexif().get(0x0112, 1)
             if _is_16bit(data, im):
                 im.load()
@@ -128,7 +126,7 @@ def decode_image(data: bytes, name: str = "<image>") -> Picture:
     h, w = pixels.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ImageError(f"{name}: image is {w}x{h} pixels, too small to hold a face")
-    return Picture(pixels, alpha, fmt)
+    return Picture(pixels, alpha)
 
 
 def read_image(path: str | Path) -> Picture:
@@ -140,13 +138,6 @@ def read_image(path: str | Path) -> Picture:
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
     return decode_image(data, str(path))
-
-
-def to_native(rgb: np.ndarray, like: Picture) -> np.ndarray:
-    """Float RGB in [0, 1] -> the dtype and channel layout of ``like``."""
-    if like.gray:
-        rgb = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.float32), cv2.COLOR_RGB2GRAY)
-    return np.round(np.clip(rgb, 0, 1) * like.max_value).astype(like.pixels.dtype)
 
 
 def encode_image(pixels: np.ndarray, alpha: np.ndarray | None, suffix: str) -> bytes:
