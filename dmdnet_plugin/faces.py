@@ -112,18 +112,30 @@ class DlibBackend:
 
 
 class RetinaFaceBackend(DlibBackend):
-    """facexlib RetinaFace boxes, dlib landmarks and embeddings."""
+    """facexlib RetinaFace boxes, dlib landmarks and embeddings.
+
+    The weights are read here with ``weights_only=True`` from the given folder; facexlib's own
+    loader would try to download a missing file.
+    """
 
     def __init__(self, model_dir: str | Path, model: str = "retinaface_resnet50", device: str = "cpu") -> None:
         super().__init__("hog")
-        model_dir = Path(model_dir)
-        if not (model_dir / RETINAFACE_FILES[model]).is_file():
-            raise FaceModelsError(f"{model_dir / RETINAFACE_FILES[model]}: RetinaFace weights not found")
+        import torch
+
+        path = Path(model_dir) / RETINAFACE_FILES[model]
+        if not path.is_file():
+            raise FaceModelsError(f"{path}: RetinaFace weights not found")
         try:
-            from facexlib.detection import init_detection_model
+            from facexlib.detection.retinaface import RetinaFace
         except ImportError:
-            raise FaceModelsError("the retinaface backend needs facexlib (pip install 'dmdnet-plugin[retinaface]')") from None
-        self._net = init_detection_model(model, half=False, device=device, model_rootpath=str(model_dir))
+            raise FaceModelsError("the retinaface backend needs facexlib (see README, 'Weights')") from None
+        net = RetinaFace(network_name=model.removeprefix("retinaface_"), half=False, device=device)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+        except Exception as exc:
+            raise FaceModelsError(f"{path}: not usable RetinaFace weights ({exc})") from None
+        self._net = net.eval().to(device)
         self.name = model
 
     def _boxes(self, rgb8: np.ndarray) -> list[tuple[np.ndarray, float]]:
@@ -152,20 +164,16 @@ def retinaface_dir(explicit: str | Path | None = None) -> Path | None:
 
 
 def get_backend(name: str = "auto", model_dir: str | Path | None = None, device: str = "cpu") -> DlibBackend:
-    """``auto``: RetinaFace when its weights are found, otherwise dlib HOG."""
-    if name == "auto":
-        folder = retinaface_dir(model_dir)
-        if folder is None:
-            return DlibBackend("hog")
-        model = next(m for m, f in RETINAFACE_FILES.items() if (folder / f).is_file())
-        return RetinaFaceBackend(folder, model, device)
+    """``auto``: RetinaFace when its weights are found (``model_dir`` or $DMDNET_FACEXLIB_DIR), else dlib HOG."""
     if name in ("hog", "cnn", "dlib"):
         return DlibBackend("hog" if name == "dlib" else name)
-    if name in ("retinaface", *RETINAFACE_FILES):
-        folder = retinaface_dir(model_dir)
-        if folder is None:
-            raise FaceModelsError(f"retinaface needs {RETINAFACE_FILES['retinaface_resnet50']} in --face-models DIR "
-                                  f"or ${FACEXLIB_ENV}")
-        model = name if name in RETINAFACE_FILES else next(m for m, f in RETINAFACE_FILES.items() if (folder / f).is_file())
-        return RetinaFaceBackend(folder, model, device)
-    raise ValueError(f"unknown face detector {name!r} (auto, hog, cnn, retinaface)")
+    if name not in ("auto", "retinaface", *RETINAFACE_FILES):
+        raise ValueError(f"unknown face detector {name!r} (auto, hog, cnn, retinaface)")
+    folder = retinaface_dir(model_dir)
+    if folder is None:
+        if name == "auto":
+            return DlibBackend("hog")
+        raise FaceModelsError(f"retinaface needs {' or '.join(RETINAFACE_FILES.values())} in --face-models DIR "
+                              f"or ${FACEXLIB_ENV}")
+    model = name if name in RETINAFACE_FILES else next(m for m, f in RETINAFACE_FILES.items() if (folder / f).is_file())
+    return RetinaFaceBackend(folder, model, device)

@@ -148,3 +148,22 @@ def test_landmarks_command_caches_files_the_dataset_reads(tmp_path):
         assert ours.shape == (68, 2) and np.linalg.norm(ours - authors, axis=1).mean() < 12
     ds = DMDNetFaceDataset({"name": "t", "dataroot_gt": str(tmp_path), "num_refs": 1, "phase": "train"})
     assert ds[0]["boxes"].tolist() != TEMPLATE_BOXES.tolist()
+
+
+def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
+    from basicsr_arch.dmdnet_arch import DMDNetComponentDiscriminator
+    from basicsr_arch.dmdnet_model import IdentityLoss
+
+    net = {"type": "DMDNetComponentDiscriminator", "num_feat": 4}
+    with pytest.raises(FileNotFoundError, match="identity loss: embedding weights .* not found"):
+        IdentityLoss(net, str(tmp_path / "missing.pth"))
+    torch.manual_seed(0)
+    torch.save({"params": DMDNetComponentDiscriminator(num_feat=4).state_dict()}, tmp_path / "emb.pth")
+    loss = IdentityLoss(net, str(tmp_path / "emb.pth"), loss_weight=2.0)
+    gt = read_face(DATA / "celebref" / "00005" / "0.jpg")[None]
+    out = read_face(DATA / "lq" / "00005_17.jpg")[None].requires_grad_()
+    value = loss(out, gt)
+    value.backward()
+    assert value.item() > 0 and out.grad.abs().sum() > 0
+    assert loss(gt, gt).item() == 0
+    assert not any(p.requires_grad for p in loss.net.parameters())

@@ -234,3 +234,30 @@ def test_console_script_without_weights_says_where_they_go(tmp_path):
     assert proc.returncode == 2
     assert "no DMDNet weights found" in proc.stderr and "DMDNet.pth" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_retinaface_backend_loads_its_weights_from_the_folder(tmp_path, monkeypatch):
+    """facexlib's RetinaFace with weights made here (the real ones cannot be downloaded offline)."""
+    retinaface = pytest.importorskip("facexlib.detection.retinaface")
+    import torch
+
+    from dmdnet_plugin.faces import FaceModelsError, RetinaFaceBackend, get_backend
+
+    torch.manual_seed(0)
+    net = retinaface.RetinaFace(network_name="mobile0.25", half=False, device="cpu")
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "detection_mobilenet0.25_Final.pth")
+    backend = get_backend("auto", tmp_path)
+    assert isinstance(backend, RetinaFaceBackend) and backend.name == "retinaface_mobile0.25"
+    monkeypatch.setenv("DMDNET_FACEXLIB_DIR", str(tmp_path))
+    assert get_backend("retinaface").name == "retinaface_mobile0.25"
+    rgb = read_image(DATA / "photos" / "family.jpg").rgb8()
+    boxes = backend._boxes(rgb)  # random weights: any number of boxes, but real ones
+    assert all(b.shape == (4,) and 0.8 <= s <= 1 for b, s in boxes)
+    assert torch.equal(backend._net.state_dict()["body.stage1.0.0.weight"], net.state_dict()["body.stage1.0.0.weight"])
+    (tmp_path / "detection_mobilenet0.25_Final.pth").write_bytes(b"truncated")
+    with pytest.raises(FaceModelsError, match="not usable RetinaFace weights"):
+        get_backend("retinaface", tmp_path)
+    monkeypatch.delenv("DMDNET_FACEXLIB_DIR")
+    with pytest.raises(FaceModelsError, match="retinaface needs detection_Resnet50_Final.pth or detection_mobilenet0.25"):
+        get_backend("retinaface", tmp_path / "empty")
+    assert get_backend("auto", tmp_path / "empty").name == "dlib-hog"
