@@ -57,6 +57,10 @@ class DMDNetModel:
 
     net: torch.nn.Module
     name: str
+    device: str = "auto"  # "auto": ComfyUI's torch device
+
+    def run_device(self) -> torch.device:
+        return mm.get_torch_device() if self.device == "auto" else torch.device(self.device)
 
 
 @dataclass
@@ -84,7 +88,7 @@ class _OnDevice:
         self.model = model
 
     def __enter__(self) -> torch.nn.Module:
-        device = mm.get_torch_device()
+        device = self.model.run_device()
         mm.free_memory(mm.module_size(self.model.net) + 2 * 1024**3, device)  # weights + activations
         return self.model.net.to(device)
 
@@ -109,6 +113,7 @@ class DMDNetModelLoader:
         names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)})
         return {"required": {
             "model_name": (names, {"tooltip": "checkpoint in models/dmdnet or models/facerestore_models"}),
+            "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
                           "tooltip": "auto: fp16 on CUDA, fp32 on CPU"}),
         }}
@@ -118,14 +123,15 @@ class DMDNetModelLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a DMDNet checkpoint (the authors' DMDNet.pth, .safetensors or a BasicSR checkpoint)."
 
-    def load(self, model_name: str, precision: str):
+    def load(self, model_name: str, device: str, precision: str):
         path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, model_name))), None)
         if path is None:
             raise FileNotFoundError(f"DMDNet checkpoint {model_name} not found in models/dmdnet")
+        model = DMDNetModel(None, model_name, device)
         if precision == "auto":
-            precision = "fp16" if mm.get_torch_device().type == "cuda" else "fp32"
-        net = load_model(path, device=mm.unet_offload_device(), dtype=precision)
-        return (DMDNetModel(net, model_name),)
+            precision = "fp16" if model.run_device().type == "cuda" else "fp32"
+        model.net = load_model(path, device=mm.unet_offload_device(), dtype=precision)
+        return (model,)
 
 
 class DMDNetDetectFaces:

@@ -175,7 +175,7 @@ def test_restore_matches_identities_per_face_and_passes_through_without_faces(co
     pack, _ = comfy
     nodes = pack.NODE_CLASS_MAPPINGS
     prepare_inputs(tmp_path)
-    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "auto")[0]
+    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "auto", "auto")[0]
     refs = torch.cat([_load_image(tmp_path, f"p2_{i}.jpg")[0] for i in (1, 2)])
     identities = nodes["DMDNetBuildIdentity"]().build(model, refs, "person2")[0]
     group = _load_image(tmp_path, "group.jpg")[0]
@@ -195,7 +195,7 @@ def test_interruption_is_checked_between_faces(comfy, tmp_path):
 
     prepare_inputs(tmp_path)
     nodes = pack.NODE_CLASS_MAPPINGS
-    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "fp32")[0]
+    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "cpu", "fp32")[0]
     mm.interrupted = True
     with pytest.raises(mm.InterruptProcessingException):
         nodes["DMDNetRestoreFaces"]().restore(model, _load_image(tmp_path, "family.jpg")[0], 1.0, 0.5, 1)

@@ -16,7 +16,7 @@ NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, st
     "LoadImage": (["image", "upload"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "ImageBatch": ([], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
-    "DMDNetModelLoader": (["model_name", "precision"], [], [("DMDNET_MODEL", "DMDNET_MODEL")]),
+    "DMDNetModelLoader": (["model_name", "device", "precision"], [], [("DMDNET_MODEL", "DMDNET_MODEL")]),
     "DMDNetDetectFaces": (["detector", "min_face_size", "max_faces", "largest_only"], [("image", "IMAGE")],
                           [("faces", "DMDNET_FACES"), ("aligned_crops", "IMAGE"), ("face_mask", "MASK")]),
     "DMDNetBuildIdentity": (["name"], [("model", "DMDNET_MODEL"), ("reference_images", "IMAGE"),
@@ -33,7 +33,7 @@ MODEL = "dmdnet.safetensors"
 WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = {
     "generic_restore": {
         1: ("LoadImage", ["family.jpg", "image"], {}),
-        2: ("DMDNetModelLoader", [MODEL, "auto"], {}),
+        2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
         3: ("DMDNetRestoreFaces", [1.0, 0.5, 4], {"model": (2, 0), "image": (1, 0)}),
         4: ("SaveImage", ["dmdnet_generic"], {"images": (3, 0)}),
         5: ("SaveImage", ["dmdnet_generic_faces"], {"images": (3, 1)}),
@@ -44,13 +44,13 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         3: ("LoadImage", ["o3.jpg", "image"], {}),
         4: ("ImageBatch", [], {"image1": (1, 0), "image2": (2, 0)}),
         5: ("ImageBatch", [], {"image1": (4, 0), "image2": (3, 0)}),
-        6: ("DMDNetModelLoader", [MODEL, "auto"], {}),
+        6: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
         7: ("DMDNetBuildIdentity", ["obama"], {"model": (6, 0), "reference_images": (5, 0)}),
         8: ("DMDNetSaveIdentity", ["obama"], {"identities": (7, 0)}),
     },
     "group_photo_identities": {
         1: ("LoadImage", ["group.jpg", "image"], {}),
-        2: ("DMDNetModelLoader", [MODEL, "auto"], {}),
+        2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
         3: ("DMDNetDetectFaces", ["auto", 24, 0, False], {"image": (1, 0)}),
         4: ("DMDNetLoadIdentity", ["obama.safetensors"], {}),
         5: ("DMDNetLoadIdentity", ["person2.safetensors"], {"identities": (4, 0)}),
