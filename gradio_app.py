@@ -18,7 +18,7 @@ import numpy as np
 
 from dmdnet_plugin.faces import get_backend
 from dmdnet_plugin.identity import IdentityDictionary, IdentityError
-from dmdnet_plugin.io import ImageError, Picture, read_image, write_image
+from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
 from dmdnet_plugin.pipeline import Restorer
 from dmdnet_plugin.weights import WeightsError, load_model
 
@@ -120,7 +120,7 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
     message += "".join(f"\n\n{n}" for n in notes)
     return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results["generic"][0]),
             _display(results["reference-based"][0]) if "reference-based" in results else None,
-            [(np.round(c * 255).astype(np.uint8), f"face {i + 1}") for i, c in enumerate(crops)],
+            [(to_uint8(c), f"face {i + 1}") for i, c in enumerate(crops)],
             str(out_file), ident_file, message)
 
 

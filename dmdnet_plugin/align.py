@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from .components import CROP_SIZE, boxes_from_landmarks
+from .io import full_scale
 
 FFHQ_5 = np.array(
     [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]]
@@ -111,7 +112,7 @@ def paste_face(canvas: np.ndarray, crop: np.ndarray, matrix: np.ndarray, strengt
     if not touched.any():
         return
     region = canvas[y0:y1, x0:x1]
-    scale = 1.0 if canvas.dtype.kind == "f" else float(np.iinfo(canvas.dtype).max)
+    scale = full_scale(canvas.dtype)
     old = region[touched].astype(np.float32) / scale
     new = face[touched]
     if canvas.ndim == 2:

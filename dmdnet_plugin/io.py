@@ -23,6 +23,16 @@ MIN_SIDE = 8
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
+def full_scale(dtype: np.dtype) -> float:
+    """The value that means full intensity for pixels of this dtype (float images are 0..1)."""
+    return 1.0 if np.dtype(dtype).kind == "f" else float(np.iinfo(dtype).max)
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] as uint8, for detectors, browsers and PNG face crops."""
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
 class ImageError(ValueError):
     """An input that cannot be used as a photo."""
 
@@ -41,9 +51,7 @@ class Picture:
 
     @property
     def max_value(self) -> float:
-        if self.pixels.dtype.kind == "f":
-            return 1.0
-        return 65535 if self.pixels.dtype == np.uint16 else 255
+        return full_scale(self.pixels.dtype)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -58,7 +66,7 @@ class Picture:
         """uint8 RGB, for detectors."""
         if self.pixels.dtype == np.uint8 and not self.gray:
             return self.pixels
-        return np.round(self.rgb() * 255).astype(np.uint8)
+        return to_uint8(self.rgb())
 
 
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:

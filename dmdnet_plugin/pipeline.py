@@ -25,7 +25,7 @@ from .align import (
 from .components import CROP_SIZE
 from .faces import DlibBackend, Face, get_backend
 from .identity import IdentityDictionary
-from .io import Picture, write_image
+from .io import Picture, to_uint8, write_image
 from .model import DMDNet
 
 # Largest distance between a face's dlib embedding and an identity's mean embedding that still
@@ -114,7 +114,7 @@ class Restorer:
 
     def detect(self, rgb: np.ndarray, source_index: int = 0) -> tuple[list[AlignedFace], list[dict]]:
         """Aligned faces of a float RGB image, and the faces left out with the reason."""
-        rgb8 = np.round(rgb * 255).astype(np.uint8)
+        rgb8 = to_uint8(rgb)
         kept, skipped = [], []
         for face in self.backend.detect(rgb8):
             if face.width < self.min_face:
@@ -134,7 +134,7 @@ class Restorer:
         interp = cv2.INTER_AREA if w > CROP_SIZE else cv2.INTER_CUBIC
         crop = rgb if (h, w) == (CROP_SIZE, CROP_SIZE) else cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=interp)
         crop = np.clip(crop, 0, 1).astype(np.float32)
-        crop8 = np.round(crop * 255).astype(np.uint8)
+        crop8 = to_uint8(crop)
         found = self.backend.detect(crop8)
         # Undetected means missing: a shape predictor run blind returns its prior, not the face.
         boxes, boxes_from = component_boxes(found[0].landmarks if found else None)
@@ -241,5 +241,5 @@ class Restorer:
         for i, f in enumerate(result.faces):
             for folder, crop in (("cropped_faces", f.crop), ("restored_faces", f.restored)):
                 if crop is not None:
-                    write_image(out_dir / folder / f"{stem}_{i:02d}.png", np.round(crop * 255).astype(np.uint8))
+                    write_image(out_dir / folder / f"{stem}_{i:02d}.png", to_uint8(crop))
 
