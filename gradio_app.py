@@ -16,15 +16,16 @@ import cv2
 import gradio as gr
 import numpy as np
 
+from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import get_backend
 from dmdnet_plugin.identity import IdentityDictionary, IdentityError
 from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
-from dmdnet_plugin.pipeline import Restorer
+from dmdnet_plugin.pipeline import Mode, Restorer
 from dmdnet_plugin.weights import WeightsError, load_model
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD = "25mb"
-MODES = ["auto", "generic", "reference-based"]
+MODES = [Mode.AUTO.value, Mode.GENERIC.value, Mode.IDENTITY.value, Mode.ONLY_MATCHED.value]
 
 
 @dataclass
@@ -45,9 +46,8 @@ def shared_model():
     return _SHARED["model"], _SHARED["backend"]
 
 
-def _readable(exc: Exception, paths: list[str]) -> str:
-    """The error without the server's temporary upload folders."""
-    text = str(exc)
+def _readable(text: str, paths: list[str]) -> str:
+    """A message without the server's temporary upload folders."""
     for path in paths:
         text = text.replace(path, Path(path).name)
     return text
@@ -62,21 +62,13 @@ def _display(pixels: np.ndarray, size: tuple[int, int] | None = None) -> np.ndar
 def _identity(restorer: Restorer, ref_paths: list[str], identity_path: str | None):
     """The identity to use (uploaded, or built from the references), its file, and notes."""
     if identity_path:
-        ident = IdentityDictionary.load(identity_path)
-        ident.check_fits(restorer.model.fingerprint())
-        return ident, None, []
+        return IdentityDictionary.load(identity_path), None, []
     if not ref_paths:
         return None, None, []
-    refs, notes = [], []
-    for path in ref_paths:
-        try:
-            refs.append((Path(path).name, read_image(path).rgb()))
-        except ImageError as exc:
-            notes.append(f"reference skipped: {_readable(exc, [path])}")
-    ident, rejected = restorer.build_identity(refs, name="person")
+    ident, rejected = restorer.build_identity(ref_paths, name="person")
     out = Path(tempfile.mkdtemp(prefix="dmdnet_")) / "identity.safetensors"
     ident.save(out)
-    return ident, str(out), notes + [f"reference skipped: {r}" for r in rejected]
+    return ident, str(out), [f"reference skipped: {_readable(r, ref_paths)}" for r in rejected]
 
 
 def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str | None, mode: str,
@@ -87,40 +79,36 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
     ref_paths = list(ref_paths or [])
     try:
         model, backend = shared_model()
-        restorer = Restorer(model, backend, only_largest=largest_only)
+        restorer = Restorer(model, FaceHelper(backend, only_largest=largest_only))
         picture = read_image(photo)
         progress(0.1, desc="identity dictionary")
         ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
-        if mode == "reference-based" and ident is None:
-            raise gr.Error("Reference-based mode needs reference photos or an identity dictionary.")
+        if mode == Mode.IDENTITY and ident is None:
+            raise gr.Error("Identity mode needs reference photos or an identity dictionary.")
         progress(0.3, desc="finding faces")
-        faces, _ = restorer.detect(picture.rgb())
-        if not faces:
+        detections = restorer.helper.find([picture])
+        if not detections[0].faces:
             raise gr.Error("No face found in this photo.")
-        restorer.identities = [ident] if ident is not None else []
-        restorer.match(faces)  # auto: only faces close enough to the references use them
-        plan = {"generic": [None] * len(faces)}
-        if ident is not None and mode != "generic":
-            plan["reference-based"] = [ident if mode == "reference-based" else f.identity for f in faces]
+        runs = {Mode.GENERIC: ()} | ({Mode(mode): (ident,)} if ident is not None and mode != Mode.GENERIC else {})
         results = {}
-        for step, (branch, assigned) in enumerate(plan.items()):
-            progress(0.4 + 0.3 * step, desc=f"restoring ({branch})")
-            for f, chosen in zip(faces, assigned):
-                f.identity = chosen
-            restorer.restore_faces(faces)
-            pixels, alpha = restorer.paste(picture, faces, upscale, strength)
-            results[branch] = (pixels, alpha, [f.restored for f in faces], sum(c is not None for c in assigned))
+        for step, (run_mode, identities) in enumerate(runs.items()):
+            progress(0.4 + 0.3 * step, desc=f"restoring ({run_mode.value})")
+            results[run_mode] = restorer.run([picture], run_mode, identities, strength, upscale,
+                                             detections=detections)[0]
     except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-        raise gr.Error(_readable(exc, [photo, *ref_paths, identity_path or ""])) from None
-    pixels, alpha, crops, matched = results.get("reference-based", results["generic"])
+        raise gr.Error(_readable(str(exc), [photo, *ref_paths, identity_path or ""])) from None
+    shown = results[Mode(mode)] if Mode(mode) in results else results[Mode.GENERIC]
     out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
-    write_image(out_file, pixels, alpha)
-    after = _display(pixels)
-    message = f"{len(faces)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
+    write_image(out_file, shown.pixels, shown.alpha)
+    after = _display(shown.pixels)
+    matched = sum(f.identity is not None for f in shown.faces)
+    message = f"{len(shown.faces)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
     message += "".join(f"\n\n{n}" for n in notes)
-    return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results["generic"][0]),
-            _display(results["reference-based"][0]) if "reference-based" in results else None,
-            [(to_uint8(c), f"face {i + 1}") for i, c in enumerate(crops)],
+    message += "\n\n" + model.weights_source.notice().replace("\n", "\n\n")
+    with_identity = next((r for m, r in results.items() if m != Mode.GENERIC), None)
+    return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results[Mode.GENERIC].pixels),
+            _display(with_identity.pixels) if with_identity is not None else None,
+            [(to_uint8(f.restored), f"face {i + 1}") for i, f in enumerate(shown.faces) if f.restored is not None],
             str(out_file), ident_file, message)
 
 
@@ -136,7 +124,8 @@ def build_ui() -> gr.Blocks:
                 references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
                 identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
                 mode = gr.Radio(MODES, value="auto", label="Mode",
-                                info="auto: faces that match the references get reference-based restoration")
+                                info="auto: faces that match the person are restored with their identity, the rest "
+                                     "generically; identity: every face with it; only-matched: the rest stay as they are")
                 with gr.Row():
                     upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
                     strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
@@ -146,14 +135,14 @@ def build_ui() -> gr.Blocks:
                 slider = gr.ImageSlider(label="Before / after")
                 with gr.Row():
                     generic = gr.Image(label="Generic", interactive=False)
-                    specific = gr.Image(label="Reference-based", interactive=False)
+                    with_identity = gr.Image(label="With the identity", interactive=False)
                 gallery = gr.Gallery(label="Restored faces", columns=4, height=220)
                 with gr.Row():
                     result_file = gr.File(label="Full-resolution result")
                     identity_file = gr.File(label="Identity dictionary (reuse it later)")
                 status = gr.Markdown()
         run.click(restore, [photo, references, identity, mode, upscale, strength, largest],
-                  [slider, generic, specific, gallery, result_file, identity_file, status], api_name="restore")
+                  [slider, generic, with_identity, gallery, result_file, identity_file, status], api_name="restore")
         gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
                      [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],
                     [photo, references, identity, mode, upscale, strength, largest])

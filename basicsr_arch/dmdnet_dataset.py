@@ -2,7 +2,7 @@
 
 Two layouts are read, and can be mixed in one list of roots (``dataroots``):
 - identity folders, ``root/<identity>/*.png`` (CelebRef-HQ): each sample also gets
-  ``num_refs`` other photos of the same identity, so the reference-based branch trains;
+  ``num_refs`` other photos of the same identity, so the identity branch trains;
 - plain folders, ``root/*.png`` (FFHQ): generic samples without references.
 
 Component boxes come from 68-point landmarks: ``NAME.png.txt`` beside each image (written by
@@ -24,7 +24,7 @@ from torch.utils import data
 
 from dmdnet_plugin.align import TEMPLATE_BOXES
 from dmdnet_plugin.components import CROP_SIZE, boxes_from_landmarks
-from dmdnet_plugin.faces import landmark_path
+from dmdnet_plugin.faces import landmark_path, read_landmarks
 from dmdnet_plugin.io import IMAGE_EXTENSIONS
 
 EYE_SWAP = [1, 0, 2, 3]  # a mirrored face's left eye is the original's right eye
@@ -106,7 +106,7 @@ class DMDNetFaceDataset(data.Dataset):
             bgr = cv2.resize(bgr, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
         img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
         if lm_path.is_file():
-            landmarks = np.loadtxt(lm_path).reshape(68, 2) * [CROP_SIZE / w, CROP_SIZE / h]
+            landmarks = read_landmarks(lm_path) * [CROP_SIZE / w, CROP_SIZE / h]
             boxes = boxes_from_landmarks(landmarks)
         else:
             boxes = TEMPLATE_BOXES.copy()

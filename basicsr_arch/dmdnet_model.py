@@ -1,7 +1,7 @@
 """BasicSR model that trains DMDNet: both branches supervised, GFPGAN-style losses.
 
 The generic dictionaries are parameters (``network_g.trainable_dictionary: true``). Each face
-brings its own references, whose specific dictionary is built inside the generator's forward
+brings its own references, whose identity dictionary is built inside the generator's forward
 pass, so the reference encoder trains together with the rest. Losses, all optional in the yml:
 L1, perceptual + style (VGG19, BasicSR's local-weights convention), adversarial with a global
 and optional eye / mouth discriminators, and an identity loss on a frozen embedding network.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -27,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from dmdnet_plugin.atomic import atomic_path
 from dmdnet_plugin.components import COMPONENT_INDEX, PART_SIZES, crop_resize, sanitize_boxes
 
-BRANCHES = ("generic", "specific")
 COMPONENT_DS = {"d_eye": ("le", "re"), "d_mouth": ("mo",)}  # discriminator -> components it judges
 
 
@@ -145,9 +145,11 @@ class DMDNetModel(BaseModel):
         self.lq = data["lq"].to(self.device, memory_format=cl)
         self.gt = data["gt"].to(self.device, memory_format=cl)
         self.boxes = sanitize_boxes(data["boxes"].to(self.device))
-        self.refs = data["refs"].to(self.device) if "refs" in data else None
-        self.ref_boxes = sanitize_boxes(data["ref_boxes"].to(self.device)) if "refs" in data else None
-        self.has_refs = data["has_refs"].to(self.device) if "has_refs" in data else None
+        # A batch of plain faces only (no identity folder) skips the reference encoder altogether.
+        with_refs = "refs" in data and bool(data.get("has_refs", torch.ones(1, dtype=torch.bool)).any())
+        self.refs = data["refs"].to(self.device) if with_refs else None
+        self.ref_boxes = sanitize_boxes(data["ref_boxes"].to(self.device)) if with_refs else None
+        self.has_refs = data["has_refs"].to(self.device) if with_refs and "has_refs" in data else None
 
     @staticmethod
     def _component_crops(img: torch.Tensor, boxes: torch.Tensor, label: str) -> torch.Tensor:
@@ -163,20 +165,26 @@ class DMDNetModel(BaseModel):
         return net(img if label == "d" else self._component_crops(img, boxes, label))
 
     def _outputs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Branch -> (output, ground truth, boxes); the specific branch only for faces with references."""
-        out_g, out_s = self.net_g(self.lq, self.boxes, generic=True, refs=self.refs, ref_boxes=self.ref_boxes)
-        outs = {"generic": (out_g, self.gt, self.boxes)}
-        if out_s is not None:
+        """Branch -> (output, ground truth, boxes); the identity branch only for faces with references."""
+        out = self.net_g(self.lq, self.boxes, generic=True, refs=self.refs, ref_boxes=self.ref_boxes)
+        outs = {"generic": (out.generic, self.gt, self.boxes)}
+        if out.identity is not None:
             keep = self.has_refs if self.has_refs is not None else torch.ones_like(self.gt[:, 0, 0, 0], dtype=bool)
-            outs["specific"] = (out_s[keep], self.gt[keep], self.boxes[keep])
+            outs["identity"] = (out.identity[keep], self.gt[keep], self.boxes[keep])
         return outs
 
-    def optimize_parameters(self, current_iter: int) -> None:
-        for d in self.discriminators.values():
-            d.requires_grad_(False)
-        self.optimizer_g.zero_grad()
+    def _autocast(self) -> torch.autocast:
+        """``train.autocast: bf16`` runs forward passes and losses in bfloat16 (weights, optimiser
+        states and the dictionary softmax stay fp32); bf16 needs no loss scaling."""
+        precision = self.opt["train"].get("autocast")
+        if precision not in (None, False, "bf16"):
+            raise ValueError(f"train.autocast: got {precision!r}, expected bf16 or nothing")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def _generator_losses(self) -> OrderedDict:
+        """Every generator loss term, per branch, named ``<term>_<branch>``."""
         self.outputs = self._outputs()
-        losses, total = OrderedDict(), 0
+        losses = OrderedDict()
         for branch, (out, gt, boxes) in self.outputs.items():
             if out.shape[0] == 0:
                 continue
@@ -190,27 +198,38 @@ class DMDNetModel(BaseModel):
                 terms["l_identity"] = self.cri_identity(out, gt)
             for label in self.discriminators:
                 terms[f"l_g_gan_{label}"] = self.cri_gan(self._judge(label, out, boxes), True, is_disc=False)
-            for name, value in terms.items():
-                losses[f"{name}_{branch}"] = value
-                total = total + value
-        total.backward()
-        self.optimizer_g.step()
+            losses.update((f"{name}_{branch}", value) for name, value in terms.items())
+        return losses
+
+    def _discriminator_losses(self) -> OrderedDict:
+        """Real and fake losses of every discriminator on this step's (detached) outputs."""
+        fake = torch.cat([out.detach() for out, _, _ in self.outputs.values()])
+        fake_boxes = torch.cat([boxes for _, _, boxes in self.outputs.values()])
+        losses = OrderedDict()
+        for label in self.discriminators:
+            losses[f"l_{label}_real"] = self.cri_gan(self._judge(label, self.gt, self.boxes), True, is_disc=True)
+            losses[f"l_{label}_fake"] = self.cri_gan(self._judge(label, fake, fake_boxes), False, is_disc=True)
+        return losses
+
+    def _step(self, optimizer: torch.optim.Optimizer, compute: Callable[[], OrderedDict]) -> OrderedDict:
+        """One optimiser step: losses under autocast, backward outside it (as torch.amp advises)."""
+        optimizer.zero_grad()
+        with self._autocast():
+            losses = compute()
+        sum(losses.values()).backward()
+        optimizer.step()
+        return losses
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        for d in self.discriminators.values():
+            d.requires_grad_(False)
+        losses = self._step(self.optimizer_g, self._generator_losses)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
-
         if self.discriminators:
             for d in self.discriminators.values():
                 d.requires_grad_(True)
-            self.optimizer_d.zero_grad()
-            fake = torch.cat([out.detach() for out, _, _ in self.outputs.values()])
-            fake_boxes = torch.cat([boxes for _, _, boxes in self.outputs.values()])
-            for label in self.discriminators:
-                real_loss = self.cri_gan(self._judge(label, self.gt, self.boxes), True, is_disc=True)
-                real_loss.backward()
-                fake_loss = self.cri_gan(self._judge(label, fake, fake_boxes), False, is_disc=True)
-                fake_loss.backward()
-                losses[f"l_{label}_real"], losses[f"l_{label}_fake"] = real_loss, fake_loss
-            self.optimizer_d.step()
+            losses.update(self._step(self.optimizer_d, self._discriminator_losses))
         self.log_dict = self.reduce_loss_dict(losses)
 
     # ------------------------------------------------------------- validation
@@ -228,11 +247,11 @@ class DMDNetModel(BaseModel):
         for data in dataloader:
             self.feed_data(data)
             with torch.no_grad():
-                out_g, out_s = net(self.lq, self.boxes, generic=True, refs=self.refs, ref_boxes=self.ref_boxes)
+                outputs = net(self.lq, self.boxes, generic=True, refs=self.refs, ref_boxes=self.ref_boxes)
             gt_imgs = tensor2img(list(self.gt), min_max=(-1, 1))
             for i, gt_img in enumerate(gt_imgs if isinstance(gt_imgs, list) else [gt_imgs]):
                 panels = [tensor2img(self.lq[i], min_max=(-1, 1))]
-                for branch, out in (("generic", out_g), ("specific", out_s)):
+                for branch, out in outputs._asdict().items():
                     if out is None:
                         continue
                     img = tensor2img(out[i], min_max=(-1, 1))
@@ -249,7 +268,7 @@ class DMDNetModel(BaseModel):
                     stem = Path(data["gt_path"][i]).stem
                     path = Path(self.opt["path"]["visualization"]) / name / f"{stem}_{current_iter}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(path) as tmp:  # input | generic | reference-based | ground truth
+                    with atomic_path(path) as tmp:  # input | generic | identity | ground truth
                         cv2.imwrite(str(tmp), np.hstack(panels + [gt_img]))
         net.train(was_training)
         self.metric_results = {k: v / max(count, 1) for k, v in sums.items()}

@@ -67,8 +67,8 @@ def authors_execution(net: torch.nn.Module) -> Iterator[None]:
 def reference_restore(net, lq: torch.Tensor, boxes: torch.Tensor, identity=None) -> torch.Tensor:
     """Same result as ``net.restore`` (fp32), computed the slow way."""
     device = next(net.parameters()).device
-    specific = identity.tensors_on(device) if identity is not None else None
+    atoms = identity.tensors_on(device) if identity is not None else None
     net.eval()
     with authors_execution(net), torch.no_grad():
-        generic, ref_based = net(lq.to(device).contiguous(), boxes.to(device), specific=specific, generic=True)
-    return generic if identity is None else ref_based
+        out = net(lq.to(device).contiguous(), boxes.to(device), identity_atoms=atoms, generic=True)
+    return out.generic if identity is None else out.identity

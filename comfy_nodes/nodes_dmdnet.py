@@ -6,7 +6,6 @@ dmdnet_plugin's Restorer, the same code the CLI and the Gradio demo run. IMAGE i
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -19,27 +18,32 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
-from dmdnet_plugin.align import face_mask
 from dmdnet_plugin.components import CROP_SIZE
-from dmdnet_plugin.faces import get_backend
+from dmdnet_plugin.face_helper import MIN_FACE, AlignedFace, Detection, FaceHelper
+from dmdnet_plugin.faces import DETECTORS, get_backend
 from dmdnet_plugin.identity import IdentityDictionary
 from dmdnet_plugin.io import Picture
-from dmdnet_plugin.pipeline import DEFAULT_THRESHOLD, MIN_FACE, AlignedFace, Restorer
-from dmdnet_plugin.weights import load_model
+from dmdnet_plugin.pipeline import DEFAULT_THRESHOLD, Mode, Restorer
+from dmdnet_plugin.runtime import PRECISIONS, pick_precision
+from dmdnet_plugin.weights import BUNDLED, load_model
 
 MODEL_FOLDERS = ("dmdnet", "facerestore_models")
 IDENTITY_FOLDER = "dmdnet_identities"
 CATEGORY = "DMDNet"
+MODE_HELP = ("auto: faces matching an identity use it, the rest generic; generic: ignore identities; "
+             "identity: every face with the (single) identity; only-matched: unmatched faces stay as they are")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 log = logging.getLogger("dmdnet")
 
 
 def register_folders() -> None:
-    """models/dmdnet, models/facerestore_models and models/dmdnet_identities."""
+    """models/dmdnet (plus the bundled demo checkpoint), models/facerestore_models, models/dmdnet_identities."""
     for name, exts in ((MODEL_FOLDERS[0], {".pth", ".safetensors"}), (MODEL_FOLDERS[1], {".pth", ".safetensors"}),
                        (IDENTITY_FOLDER, {".safetensors"})):
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], exts)
+    if BUNDLED.is_file():  # the demo checkpoint is listed where it ships, never copied
+        folder_paths.add_model_folder_path(MODEL_FOLDERS[0], str(BUNDLED.parent))
 
 
 register_folders()
@@ -52,7 +56,7 @@ def backend(detector: str = "auto"):
 
 
 @dataclass
-class DMDNetModel:
+class ModelHandle:
     """What flows on a DMDNET_MODEL wire: the net (kept on the offload device between runs)."""
 
     net: torch.nn.Module
@@ -63,12 +67,15 @@ class DMDNetModel:
         return mm.get_torch_device() if self.device == "auto" else torch.device(self.device)
 
 
-@dataclass
-class DMDNetFaces:
-    """What flows on a DMDNET_FACES wire: aligned faces with their source image index."""
+@dataclass(frozen=True)
+class FacesWire:
+    """What flows on a DMDNET_FACES wire: one detection (aligned faces) per image of the batch."""
 
-    faces: list[AlignedFace]
-    sizes: list[tuple[int, int]]  # (h, w) of every source image
+    detections: tuple[Detection, ...]
+
+    @property
+    def faces(self) -> tuple[AlignedFace, ...]:
+        return tuple(f for d in self.detections for f in d.faces)
 
 
 def _pictures(image: torch.Tensor) -> list[Picture]:
@@ -84,7 +91,7 @@ def _crops_image(crops: list[np.ndarray]) -> torch.Tensor:
 class _OnDevice:
     """Move the net to ComfyUI's torch device for one run and back to the offload device after."""
 
-    def __init__(self, model: DMDNetModel) -> None:
+    def __init__(self, model: ModelHandle) -> None:
         self.model = model
 
     def __enter__(self) -> torch.nn.Module:
@@ -97,10 +104,13 @@ class _OnDevice:
         mm.soft_empty_cache()
 
 
-def _progress(total: int):
-    bar = comfy.utils.ProgressBar(total)
+def _progress():
+    """A progress callback for Restorer.run: a ComfyUI bar over faces, and cancel between batches."""
+    bar = None
 
-    def update(done: int, _total: int) -> None:
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or comfy.utils.ProgressBar(total)
         bar.update_absolute(done, total)
         mm.throw_exception_if_processing_interrupted()
 
@@ -108,14 +118,15 @@ def _progress(total: int):
 
 
 class DMDNetModelLoader:
+    """Loads a checkpoint from models/dmdnet (the bundled demo is listed there too) once per graph."""
+
     @classmethod
     def INPUT_TYPES(cls):
         names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)})
         return {"required": {
             "model_name": (names, {"tooltip": "checkpoint in models/dmdnet or models/facerestore_models"}),
             "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
-            "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
-                          "tooltip": "auto: fp16 on CUDA, fp32 on CPU"}),
+            "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "auto: fp16 on CUDA, fp32 on CPU"}),
         }}
 
     RETURN_TYPES = ("DMDNET_MODEL",)
@@ -127,20 +138,21 @@ class DMDNetModelLoader:
         path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, model_name))), None)
         if path is None:
             raise FileNotFoundError(f"DMDNet checkpoint {model_name} not found in models/dmdnet")
-        model = DMDNetModel(None, model_name, device)
-        if precision == "auto":
-            precision = "fp16" if model.run_device().type == "cuda" else "fp32"
-        model.net = load_model(path, device=mm.unet_offload_device(), dtype=precision)
+        model = ModelHandle(None, model_name, device)
+        model.net = load_model(path, device=mm.unet_offload_device(),
+                               dtype=pick_precision(precision, model.run_device()))
+        log.info("DMDNet Model Loader: %s", model.net.weights_source.notice())
         return (model,)
 
 
 class DMDNetDetectFaces:
+    """Finds and aligns faces once, so several Restore nodes (or a mask) can share them."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE",),
-            "detector": (["auto", "hog", "cnn", "retinaface"], {"default": "auto",
-                         "tooltip": "auto: RetinaFace when its weights are in $DMDNET_FACEXLIB_DIR, else dlib HOG"}),
+            "detector": (list(DETECTORS), {"default": "auto", "tooltip": DETECTORS["auto"]}),
             "min_face_size": ("INT", {"default": MIN_FACE, "min": 8, "max": 4096, "tooltip": "skip narrower faces (px)"}),
             "max_faces": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "0: all faces"}),
             "largest_only": ("BOOLEAN", {"default": False}),
@@ -153,23 +165,19 @@ class DMDNetDetectFaces:
     DESCRIPTION = "Finds faces, aligns each to the 512x512 template and returns the crops and a mask of the face regions."
 
     def detect(self, image, detector, min_face_size, max_faces, largest_only):
-        finder = Restorer(None, backend(detector), min_face=min_face_size, max_faces=max_faces or None,
-                          only_largest=largest_only)
-        faces, sizes = [], []
-        masks = torch.zeros(image.shape[0], image.shape[1], image.shape[2])
-        for index, picture in enumerate(_pictures(image)):
-            found, _ = finder.detect(picture.rgb(), source_index=index)
-            h, w = picture.pixels.shape[:2]
-            sizes.append((h, w))
-            for f in found:
-                masks[index] = torch.maximum(masks[index], torch.from_numpy(face_mask(h, w, f.matrix)))
-            faces += found
+        helper = FaceHelper(backend(detector), min_face=min_face_size, max_faces=max_faces or None,
+                            only_largest=largest_only)
+        detections = helper.find(_pictures(image))
+        faces = [f for d in detections for f in d.faces]
         if not faces:
             log.warning("DMDNet Detect Faces: no face found")
-        return (DMDNetFaces(faces, sizes), _crops_image([f.crop for f in faces]), masks)
+        masks = FaceHelper.masks(faces, [tuple(image.shape[1:3])] * image.shape[0])
+        return (FacesWire(tuple(detections)), _crops_image([f.crop for f in faces]), torch.from_numpy(masks))
 
 
 class DMDNetBuildIdentity:
+    """Builds a person's identity dictionary from a few good photos (the largest face of each)."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
@@ -184,12 +192,12 @@ class DMDNetBuildIdentity:
     RETURN_NAMES = ("identities",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Builds a person's specific dictionary from reference photos (once; save it to reuse)."
+    DESCRIPTION = "Builds a person's identity dictionary from reference photos (once; save it to reuse)."
 
     def build(self, model, reference_images, name, identities=None):
         refs = [(f"reference {i + 1}", p.rgb()) for i, p in enumerate(_pictures(reference_images))]
         with _OnDevice(model) as net:
-            ident, rejected = Restorer(net, backend()).build_identity(refs, name=name or None)
+            ident, rejected = Restorer(net, FaceHelper(backend())).build_identity(refs, name=name or None)
         for reason in rejected:
             log.warning("DMDNet Build Identity: %s", reason)
         return (list(identities or []) + [ident],)
@@ -208,6 +216,8 @@ def identity_path(name: str) -> str:
 
 
 class DMDNetSaveIdentity:
+    """Saves an identity dictionary under models/dmdnet_identities; the name cannot leave that folder."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"identities": ("DMDNET_IDENTITY",), "name": ("STRING", {"default": "person"})}}
@@ -226,6 +236,8 @@ class DMDNetSaveIdentity:
 
 
 class DMDNetLoadIdentity:
+    """Loads a saved identity dictionary; chain several so each face gets the nearest one."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"identity_name": (folder_paths.get_filename_list(IDENTITY_FOLDER),)},
@@ -242,6 +254,8 @@ class DMDNetLoadIdentity:
 
 
 class DMDNetRestoreFaces:
+    """Restores every face of an image batch (photos or a clip's frames) and pastes them back."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
@@ -255,30 +269,27 @@ class DMDNetRestoreFaces:
         }, "optional": {
             "faces": ("DMDNET_FACES", {"tooltip": "from DMDNet Detect Faces; detected here when absent"}),
             "identities": ("DMDNET_IDENTITY", {"tooltip": "each face is restored with the nearest identity, if close enough"}),
+            "mode": ([m.value for m in Mode], {"default": Mode.AUTO.value, "tooltip": MODE_HELP}),
         }}
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("image", "restored_faces")
     FUNCTION = "restore"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Restores every face (reference-based for faces that match an identity) and pastes them back."
+    DESCRIPTION = "Restores every face (with its identity for faces that match one) and pastes them back."
 
-    def restore(self, model, image, strength, match_threshold, batch_size, faces=None, identities=None):
+    def restore(self, model, image, strength, match_threshold, batch_size, faces=None, identities=None,
+                mode=Mode.AUTO.value):
         pictures = _pictures(image)
         with _OnDevice(model) as net:
-            restorer = Restorer(net, backend(), identities or [], threshold=match_threshold, batch_size=batch_size)
-            if faces is None:
-                found = [f for i, p in enumerate(pictures) for f in restorer.detect(p.rgb(), source_index=i)[0]]
-            else:  # copies: ComfyUI caches the detector's output, which must not change
-                found = [dataclasses.replace(f) for f in faces.faces]
-            if not found:
-                log.warning("DMDNet Restore Faces: no face found, the image passes through unchanged")
-                return (image, _crops_image([]))
-            restorer.match(found)
-            restorer.restore_faces(found, progress=_progress(len(found)))
-        out = [torch.from_numpy(Restorer.paste(p, [f for f in found if f.source_index == i], strength=strength)[0])
-               for i, p in enumerate(pictures)]
-        return (torch.stack(out).clamp(0, 1), _crops_image([f.restored for f in found]))
+            restorer = Restorer(net, FaceHelper(backend()), identities or (), threshold=match_threshold,
+                                batch_size=batch_size)
+            results = restorer.run(pictures, mode, strength=strength, progress=_progress(),
+                                   detections=None if faces is None else faces.detections)
+        restored = [f.restored for r in results for f in r.faces if f.restored is not None]
+        if not any(r.faces for r in results):
+            log.warning("DMDNet Restore Faces: no face found, the image passes through unchanged")
+        return (torch.stack([torch.from_numpy(r.pixels) for r in results]).clamp(0, 1), _crops_image(restored))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -11,14 +11,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path
+from .face_helper import MIN_FACE, FaceHelper
+from .faces import DETECTORS, get_backend
 from .identity import IdentityDictionary, IdentityError
 from .io import ImageError, list_images, read_image, write_image
-from .pipeline import DEFAULT_THRESHOLD, MIN_FACE, Restorer
-from .weights import WeightsError, convert, load_model
+from .pipeline import DEFAULT_THRESHOLD, Restorer, save_faces
+from .runtime import PRECISIONS
+from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights, load_model
 
 
 class CliError(Exception):
@@ -32,27 +34,31 @@ def _error(message: str) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="checkpoint (.pth or .safetensors); default: see README, 'Weights'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--detector", default="auto", help="auto, hog, cnn or retinaface (default: auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="compute precision (default auto: fp16 on CUDA, fp32 on CPU)")
+    _detector_args(p)
+
+
+def _detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", default="auto", choices=list(DETECTORS),
+                   help="; ".join(f"{k}: {v}" for k, v in DETECTORS.items()))
     p.add_argument("--face-models", help="folder with facexlib RetinaFace weights (or $DMDNET_FACEXLIB_DIR)")
 
 
-def _restorer(args, identities: Sequence[IdentityDictionary] = ()) -> Restorer:
-    from .faces import get_backend
-
-    dtype = torch.float16 if getattr(args, "fp16", False) else None
-    model = load_model(args.weights, device=args.device, dtype=dtype)
-    device = str(next(model.parameters()).device)
-    backend = get_backend(args.detector, args.face_models, device="cuda" if device.startswith("cuda") else "cpu")
-    return Restorer(
-        model, backend, identities,
-        threshold=getattr(args, "threshold", DEFAULT_THRESHOLD), batch_size=getattr(args, "batch", 4),
-        min_face=getattr(args, "min_face", MIN_FACE), only_largest=getattr(args, "only_largest", False),
-    )
+def _restorer(args, identities: Sequence[IdentityDictionary] = (), threshold: float = DEFAULT_THRESHOLD,
+              batch_size: int = 4, **helper_options) -> Restorer:
+    """The model (saying which weights it runs), a face helper on its device, and the Restorer."""
+    model = load_model(args.weights, device=args.device, dtype=args.precision)
+    tqdm.write(model.weights_source.notice(), file=sys.stderr)
+    backend = get_backend(args.detector, args.face_models, device=next(model.parameters()).device.type)
+    return Restorer(model, FaceHelper(backend, **helper_options), identities, threshold=threshold,
+                    batch_size=batch_size)
 
 
 def cmd_restore(args) -> int:
     identities = [IdentityDictionary.load(p) for p in args.identity]
-    restorer = _restorer(args, identities)
+    restorer = _restorer(args, identities, args.threshold, args.batch, min_face=args.min_face,
+                         only_largest=args.only_largest)
     out_dir = Path(args.output)
     files = list_images(args.inputs)
     if not files:
@@ -64,15 +70,14 @@ def cmd_restore(args) -> int:
         try:
             if dst.resolve() == src.resolve():
                 raise ImageError(f"{src}: output would overwrite the input; choose another -o folder")
-            picture = read_image(src)
-            result = restorer.restore_image(picture, aligned=args.aligned, upscale=args.upscale)
+            result = restorer.run([read_image(src)], aligned=args.aligned, upscale=args.upscale)[0]
             write_image(dst, result.pixels, result.alpha)
             if args.save_faces:
-                restorer.save_faces(result, out_dir, src.stem)
+                save_faces(result, out_dir, src.stem)
             entry.update(output=str(dst), status="ok" if result.faces else "no_face",
                          faces=[f.record() for f in result.faces])
             if result.skipped:
-                entry["skipped_faces"] = result.skipped
+                entry["skipped_faces"] = list(result.skipped)
         except (ImageError, IdentityError, OSError) as exc:
             entry["error"] = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
         except Exception as exc:  # one bad photo must not stop the batch
@@ -83,7 +88,8 @@ def cmd_restore(args) -> int:
         report.append(entry)
     if args.report:
         with atomic_path(args.report) as tmp:
-            tmp.write_text(json.dumps({"files": report}, indent=2) + "\n")
+            tmp.write_text(json.dumps({"weights": restorer.model.weights_source.record(), "files": report},
+                                      indent=2) + "\n")
     counts = {s: sum(e["status"] == s for e in report) for s in ("ok", "no_face", "error")}
     print(f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {out_dir}",
           file=sys.stderr)
@@ -91,21 +97,14 @@ def cmd_restore(args) -> int:
 
 
 def cmd_identity_build(args) -> int:
-    restorer = _restorer(args)
-    references, rejected = [], []
-    for src in list_images(args.refs):
-        try:
-            references.append((str(src), read_image(src).rgb()))
-        except ImageError as exc:
-            rejected.append(str(exc))
-    ident, unusable = restorer.build_identity(references, name=args.name, aligned=args.aligned)
-    for reason in rejected + unusable:
+    ident, rejected = _restorer(args).build_identity(list_images(args.refs), name=args.name, aligned=args.aligned)
+    for reason in rejected:
         _error(f"reference rejected: {reason}")
     if args.extend:
         ident = IdentityDictionary.load(args.extend).extend(ident)
     ident.save(args.output)
     print(f"{args.output}: identity {args.name or '(unnamed)'} from {ident.n_refs} references"
-          f"{f', {len(rejected + unusable)} rejected' if rejected + unusable else ''}", file=sys.stderr)
+          f"{f', {len(rejected)} rejected' if rejected else ''}", file=sys.stderr)
     return 0
 
 
@@ -120,7 +119,7 @@ def cmd_identity_show(args) -> int:
 
 def cmd_landmarks(args) -> int:
     """Cache 68-point landmarks beside training images (NAME.png.txt, the authors' format)."""
-    from .faces import get_backend, landmark_path
+    from .faces import landmark_path, write_landmarks
 
     backend = get_backend(args.detector, args.face_models)
     lm_root = Path(args.landmarks_root) if args.landmarks_root else None
@@ -134,14 +133,27 @@ def cmd_landmarks(args) -> int:
             faces = backend.detect(read_image(src).rgb8())
             if not faces:
                 raise ImageError(f"{src}: no face found")
-            with atomic_path(target) as tmp:
-                tmp.write_text("".join(f"{x:.2f} {y:.2f}\n" for x, y in faces[0].landmarks))
+            write_landmarks(target, faces[0].landmarks)
             written += 1
         except ImageError as exc:
             failed += 1
             _error(str(exc))
     print(f"{written} landmark files written, {failed} images without a face", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_weights_download(args) -> int:
+    target = Path(args.to) / "DMDNet.pth" if args.to else None
+    path = download_official(args.url, target)
+    print(f"wrote {path}; it is now found before the bundled demo model", file=sys.stderr)
+    return 0
+
+
+def cmd_weights_which(args) -> int:
+    source = find_weights(args.weights)
+    print(json.dumps(source.record()))
+    print(source.notice(), file=sys.stderr)
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -162,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"largest embedding distance that matches an identity (default {DEFAULT_THRESHOLD})")
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 face crops")
-    p.add_argument("--fp16", action="store_true", help="half precision (CUDA)")
     p.add_argument("--batch", type=int, default=4, help="faces per model call (default 4)")
     p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")
     p.add_argument("--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)")
@@ -188,9 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing landmark files")
     p.add_argument("--landmarks-root", help="write under this folder, mirroring each input folder (for read-only data)")
-    p.add_argument("--detector", default="auto", help="auto, hog, cnn or retinaface (default: auto)")
-    p.add_argument("--face-models", help="folder with facexlib RetinaFace weights")
+    _detector_args(p)
     p.set_defaults(func=cmd_landmarks)
+
+    weights = sub.add_parser("weights", help="find or fetch checkpoints").add_subparsers(dest="action", required=True)
+    p = weights.add_parser("download", help="fetch the authors' DMDNet.pth into the cache (the only network use)")
+    p.add_argument("--url", default=OFFICIAL_URL, help="where to fetch it from (default: the authors' release)")
+    p.add_argument("--to", help=f"folder to write DMDNet.pth into (default: {cache_dir()})")
+    p.set_defaults(func=cmd_weights_download)
+    p = weights.add_parser("which", help="print the checkpoint that would be used, and why")
+    p.add_argument("--weights", help="an explicit checkpoint, as restore takes it")
+    p.set_defaults(func=cmd_weights_which)
 
     p = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
     p.add_argument("input")

@@ -1,6 +1,6 @@
 """``make demo``: restore the bundled example photos, generic and with a bundled identity.
 
-Writes demo_output/<photo>_before_after.png (input | generic | reference-based) and the
+Writes demo_output/<photo>_before_after.png (input | generic | with the identity) and the
 identity dictionary built from examples/refs/obama.
 """
 from __future__ import annotations
@@ -11,10 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .faces import get_backend
 from .io import list_images, read_image, write_image
 from .pipeline import Restorer
-from .weights import WeightsError, find_weights, load_model
+from .weights import WeightsError, load_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -28,22 +27,21 @@ def _labelled(pixels: np.ndarray, label: str) -> np.ndarray:
 
 def main(out_dir: str = "demo_output") -> int:
     try:
-        weights = find_weights()
+        model = load_model()
     except WeightsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    print(model.weights_source.notice(), file=sys.stderr)
     out = Path(out_dir)
-    model = load_model(weights)
-    generic = Restorer(model, get_backend())
-    refs = [(str(p), read_image(p).rgb()) for p in list_images([EXAMPLES / "refs" / "obama"])]
-    identity, _ = generic.build_identity(refs, name="obama")
+    restorer = Restorer(model)
+    identity, _ = restorer.build_identity(list_images([EXAMPLES / "refs" / "obama"]), name="obama")
     identity.save(out / "obama.safetensors")
-    with_identity = Restorer(model, generic.backend, [identity])
     for path in list_images([EXAMPLES / "photos"]):
         picture = read_image(path)
+        detections = restorer.helper.find([picture])
         panels = [_labelled(picture.pixels, "input")]
-        for label, restorer in (("generic", generic), ("reference-based", with_identity)):
-            result = restorer.restore_image(picture)
+        for label, identities in (("generic", ()), ("identity", (identity,))):
+            result = restorer.run([picture], identities=identities, detections=detections)[0]
             names = sorted({f.identity.name for f in result.faces if f.identity is not None})
             panels.append(_labelled(result.pixels, label + (f" ({', '.join(names)})" if names else "")))
         write_image(out / f"{path.stem}_before_after.png", np.hstack(panels))

@@ -17,6 +17,13 @@ import cv2
 import numpy as np
 
 DETECT_MAX_SIDE = 1600  # larger photos are searched on a downscaled copy
+# The face detectors every surface offers, with what each means (the CLI's --detector, the nodes' list).
+DETECTORS = {
+    "auto": "RetinaFace when its weights are found (--face-models or $DMDNET_FACEXLIB_DIR), else dlib HOG",
+    "hog": "dlib's HOG detector (offline, fast on CPU)",
+    "cnn": "dlib's CNN detector (offline, finds more faces, slower on CPU)",
+    "retinaface": "facexlib RetinaFace (needs its weights)",
+}
 FACEXLIB_ENV = "DMDNET_FACEXLIB_DIR"
 RETINAFACE_FILES = {"retinaface_resnet50": "detection_Resnet50_Final.pth",
                     "retinaface_mobile0.25": "detection_mobilenet0.25_Final.pth"}
@@ -147,6 +154,19 @@ class RetinaFaceBackend(DlibBackend):
         return [(np.asarray(d[:4], dtype=np.float64) / scale, float(d[4])) for d in dets]
 
 
+def write_landmarks(path: Path, landmarks: np.ndarray) -> None:
+    """The authors' landmark file format: 68 lines ``x y`` in image pixels. Written atomically."""
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{x:.2f} {y:.2f}\n" for x, y in landmarks))
+
+
+def read_landmarks(path: Path) -> np.ndarray:
+    """(68, 2) landmarks from a file of :func:`write_landmarks`' format (or the authors' files)."""
+    return np.loadtxt(path).reshape(68, 2)
+
+
 def landmark_path(image: Path, root: Path | None = None, landmarks_root: Path | None = None) -> Path:
     """Where the 68 landmarks of ``image`` are cached: ``NAME.ext.txt`` beside it, or at the same
     relative place under ``landmarks_root`` (the authors' RefsLandmark layout)."""
@@ -168,7 +188,7 @@ def get_backend(name: str = "auto", model_dir: str | Path | None = None, device:
     if name in ("hog", "cnn", "dlib"):
         return DlibBackend("hog" if name == "dlib" else name)
     if name not in ("auto", "retinaface", *RETINAFACE_FILES):
-        raise ValueError(f"unknown face detector {name!r} (auto, hog, cnn, retinaface)")
+        raise ValueError(f"unknown face detector {name!r} ({', '.join(DETECTORS)})")
     folder = retinaface_dir(model_dir)
     if folder is None:
         if name == "auto":

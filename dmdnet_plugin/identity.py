@@ -1,4 +1,4 @@
-"""Identity (specific) dictionaries: built once from a person's references, reused forever.
+"""Identity dictionaries (the authors' "specific" dictionary): built once from a person's references, reused forever.
 
 A dictionary is a set of key/value atoms per component and scale, one atom per reference,
 saved as ``.safetensors`` with metadata. It only makes sense for the reference encoder that

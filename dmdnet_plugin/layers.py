@@ -79,12 +79,18 @@ class SNConv2d(nn.Conv2d):
 
 
 def sn_conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> SNConv2d:
-    """3x3 spectrally normalised conv with 'same' padding for its dilation."""
+    """3x3 spectrally normalised conv with 'same' padding for its dilation.
+
+    Args: ``cin``/``cout`` channels; ``stride`` (1; 2 halves the map); ``dilation`` (1).
+    """
     return SNConv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation)
 
 
 def conv_pair(cin: int, cout: int, stride: int = 1, dilation: tuple[int, int] = (1, 1)) -> nn.Sequential:
-    """conv -> LeakyReLU -> conv, the unit the official net repeats (indices 0 and 2)."""
+    """conv -> LeakyReLU -> conv, the unit the official net repeats (indices 0 and 2).
+
+    Args: ``cin``/``cout`` channels; ``stride`` of the first conv (1); ``dilation`` of each conv ((1, 1)).
+    """
     return nn.Sequential(
         sn_conv(cin, cout, stride, dilation[0]),
         nn.LeakyReLU(LRELU_SLOPE, inplace=True),
@@ -93,6 +99,11 @@ def conv_pair(cin: int, cout: int, stride: int = 1, dilation: tuple[int, int] = 
 
 
 class DilateResBlock(nn.Module):
+    """Encoder residual block: ``x + conv_pair(x)``, dilated to widen the receptive field cheaply.
+
+    Args: ``dim`` channels (in = out); ``dilation`` of its two convs, e.g. (5, 3) at 256 px.
+    """
+
     def __init__(self, dim: int, dilation: tuple[int, int]) -> None:
         super().__init__()
         self.Res = conv_pair(dim, dim, dilation=dilation)
@@ -102,6 +113,11 @@ class DilateResBlock(nn.Module):
 
 
 class UpResBlock(nn.Module):
+    """Decoder residual block at full resolution: ``x + conv_pair(x)``.
+
+    Args: ``dim`` channels (in = out).
+    """
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.Model = conv_pair(dim, dim)
@@ -111,6 +127,11 @@ class UpResBlock(nn.Module):
 
 
 class Query(nn.Module):
+    """Query of a degraded component region, compared with the dictionary keys.
+
+    Args: ``indim`` feature channels; ``quedim`` query channels (``indim // 4`` in DMDNet).
+    """
+
     def __init__(self, indim: int, quedim: int) -> None:
         super().__init__()
         self.Query = conv_pair(indim, quedim)
@@ -120,6 +141,12 @@ class Query(nn.Module):
 
 
 class KeyValue(nn.Module):
+    """Key and value atoms of a high-quality reference region (an identity dictionary entry).
+
+    Args: ``indim`` feature channels; ``keydim`` key channels (``indim // 4``); ``valdim``
+    value channels (``indim``).
+    """
+
     def __init__(self, indim: int, keydim: int, valdim: int) -> None:
         super().__init__()
         self.Key = conv_pair(indim, keydim)
@@ -130,7 +157,11 @@ class KeyValue(nn.Module):
 
 
 class MaskAttention(nn.Module):
-    """Per-pixel weight between the specific and the generic dictionary reading."""
+    """Per-pixel weight between the identity and the generic dictionary reading.
+
+    Args: ``indim`` channels (divisible by 3). ``forward(x, y, z)`` takes the degraded part,
+    the identity reading and the generic reading; it returns the blend weight of the first.
+    """
 
     def __init__(self, indim: int) -> None:
         super().__init__()
@@ -145,6 +176,11 @@ class MaskAttention(nn.Module):
 
 
 class MSDilateBlock(nn.Module):
+    """Multi-scale context at the bottleneck: four dilated conv pairs, fused, plus the input.
+
+    Args: ``dim`` channels (in = out); ``dilation``, one per branch ((4, 3, 2, 1) in DMDNet).
+    """
+
     def __init__(self, dim: int, dilation: tuple[int, int, int, int]) -> None:
         super().__init__()
         self.conv1 = conv_pair(dim, dim, dilation=(dilation[0],) * 2)
@@ -159,7 +195,11 @@ class MSDilateBlock(nn.Module):
 
 
 class StyledUpBlock(nn.Module):
-    """Decoder stage: features modulated by the dictionary-enhanced map, then upsampled x2."""
+    """Decoder stage: features modulated by the dictionary-enhanced map, then upsampled x2.
+
+    Args: ``cin`` channels of the input and of the style map; ``cout`` output channels.
+    ``forward(x, style)`` scales and shifts ``x`` by convs of ``style`` (SFT), then upsamples.
+    """
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
@@ -181,6 +221,7 @@ class StyledUpBlock(nn.Module):
 
 
 def attention_block(dim: int) -> nn.Sequential:
+    """How much of the dictionary correction enters each pixel (a conv pair on ``dim`` channels)."""
     return conv_pair(dim, dim)
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from .layers import (
     sn_conv,
     tensor_key,
 )
+
+if TYPE_CHECKING:
+    from .weights import WeightsSource
 
 SCALES = (256, 128, 64)
 _WIDTH = {256: 1, 128: 2, 64: 4}  # channel multiplier of ngf at each feature scale
@@ -108,10 +111,13 @@ def read_memory(key: torch.Tensor, value: torch.Tensor, query: torch.Tensor) -> 
 
     ``key``/``value`` are (N, C, h, w) atoms shared by the batch, or (B, N, C, h, w) per
     sample (training, where each face has its own references). The similarity is the
-    official one: a full-size correlation, scaled by 1/sqrt(N).
+    official one: a full-size correlation, scaled by 1/sqrt(N). Atoms made under autocast
+    (per-sample references in training) arrive in half precision and are promoted here, so
+    the softmax over the whole dictionary never runs in bf16/fp16.
     """
     with torch.autocast(query.device.type, enabled=False):
         q = query.float().flatten(1)
+        key, value = key.float(), value.float()
         n = key.shape[-4]
         if key.dim() == 4:
             score = F.softmax((q @ key.flatten(1).t()) / math.sqrt(n), dim=1)
@@ -121,6 +127,13 @@ def read_memory(key: torch.Tensor, value: torch.Tensor, query: torch.Tensor) -> 
             score = F.softmax(sim / math.sqrt(n), dim=1)
             out = torch.bmm(score.unsqueeze(1), value.flatten(2)).squeeze(1)
         return out.view(q.shape[0], *value.shape[-3:])
+
+
+class BranchOutputs(NamedTuple):
+    """What :meth:`DMDNet.forward` returns: (B, 3, 512, 512) in [-1, 1], or None when not requested."""
+
+    generic: torch.Tensor | None = None  # restored with the generic dictionary (the authors' generic output)
+    identity: torch.Tensor | None = None  # restored with a person's identity dictionary (their "specific" output)
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +195,11 @@ class DMDNet(nn.Module):
             nn.Tanh(),
         )
         self._fingerprint: tuple[tuple, str] | None = None
+        self.weights_source: WeightsSource | None = None  # set by weights.load_model
 
     # ------------------------------------------------------------------ network
     def memorize(self, refs: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Specific-dictionary atoms (one per reference) for every component and scale."""
+        """Identity-dictionary atoms (one per reference) for every component and scale."""
         feats = self.E_hq(refs, boxes, with_queries=False)
         atoms = {}
         for scale in SCALES:
@@ -197,11 +211,13 @@ class DMDNet(nn.Module):
         return atoms
 
     def _enhanced_parts(
-        self, feats: Features, specific: dict[str, torch.Tensor] | None, generic: bool
-    ) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
-        """Dictionary-enhanced component features, per requested branch (generic first)."""
-        branches = ([None] if generic else []) + ([specific] if specific is not None else [])
-        finals: list[dict] = [{} for _ in branches]
+        self, feats: Features, identity_atoms: dict[str, torch.Tensor] | None, generic: bool
+    ) -> dict[str, dict[tuple[str, int], torch.Tensor]]:
+        """Dictionary-enhanced component features per requested branch: ``generic`` reads the
+        generic dictionary alone; ``identity`` blends the person's atoms in with the learned mask."""
+        branches = ({"generic": None} if generic else {}) | (
+            {"identity": identity_atoms} if identity_atoms is not None else {})
+        finals: dict[str, dict] = {name: {} for name in branches}
         for scale in SCALES:
             for comp in DICT_COMPONENTS:
                 prefix = _prefix(comp, scale)
@@ -209,17 +225,17 @@ class DMDNet(nn.Module):
                 mem_g = read_memory(
                     getattr(self, f"{comp}_{scale}_mem_key"), getattr(self, f"{comp}_{scale}_mem_value"), query
                 )
-                for out, sp in zip(finals, branches):
+                for name, atoms in branches.items():
                     mem = mem_g
-                    if sp is not None:
+                    if atoms is not None:
                         mem_s = read_memory(
-                            sp[dictionary_key(comp, scale, "key")], sp[dictionary_key(comp, scale, "value")], query
+                            atoms[dictionary_key(comp, scale, "key")], atoms[dictionary_key(comp, scale, "value")], query
                         )
                         mask = getattr(self, f"{prefix}_Mask")(part, mem_s, mem_g)
                         mem = mask * mem_s + (1 - mask) * mem_g
                     norm = adain(mem, part)
-                    out[comp, scale] = getattr(self, f"{prefix}_Attention")(norm - part) * norm + part
-        return iter(finals)
+                    finals[name][comp, scale] = getattr(self, f"{prefix}_Attention")(norm - part) * norm + part
+        return finals
 
     def _decode(self, feats: Features, boxes: torch.Tensor, finals: dict) -> torch.Tensor:
         up_in = {}
@@ -238,14 +254,14 @@ class DMDNet(nn.Module):
         self,
         lq: torch.Tensor,
         boxes: torch.Tensor,
-        specific: dict[str, torch.Tensor] | None = None,
+        identity_atoms: dict[str, torch.Tensor] | None = None,
         generic: bool = True,
         refs: torch.Tensor | None = None,
         ref_boxes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(generic output, reference-based output); each None when not requested.
+    ) -> BranchOutputs:
+        """The generic and the identity output; each None when not requested.
 
-        ``boxes`` (B, 4, 4) int crop pixels, already sanitised. ``specific`` maps
+        ``boxes`` (B, 4, 4) int crop pixels, already sanitised. ``identity_atoms`` maps
         :func:`dictionary_key` names to atoms, shared (N, ...) or per sample (B, N, ...).
         Training passes ``refs`` (B, K, 3, 512, 512) and ``ref_boxes`` (B, K, 4, 4) instead,
         so that each face's own dictionary is built inside the one forward call DDP sees.
@@ -254,12 +270,10 @@ class DMDNet(nn.Module):
             b, k = refs.shape[:2]
             flat = refs.flatten(0, 1).contiguous(memory_format=torch.channels_last)
             atoms = self.memorize(flat, ref_boxes.flatten(0, 1))
-            specific = {name: a.unflatten(0, (b, k)) for name, a in atoms.items()}
+            identity_atoms = {name: a.unflatten(0, (b, k)) for name, a in atoms.items()}
         feats = self.E_lq(lq, boxes)
-        finals = self._enhanced_parts(feats, specific, generic)
-        out_g = self._decode(feats, boxes, next(finals)) if generic else None
-        out_s = self._decode(feats, boxes, next(finals)) if specific is not None else None
-        return out_g, out_s
+        finals = self._enhanced_parts(feats, identity_atoms, generic)
+        return BranchOutputs(**{name: self._decode(feats, boxes, parts) for name, parts in finals.items()})
 
     # ---------------------------------------------------------------- inference
     @contextlib.contextmanager
@@ -282,7 +296,7 @@ class DMDNet(nn.Module):
         """Restore aligned faces. ``lq`` (B, 3, 512, 512) in [-1, 1]; ``boxes`` (B, 4, 4).
 
         Without ``identity`` this is the authors' generic output; with one, their
-        reference-based output. Returns float32 (B, 3, 512, 512) in [-1, 1] on the
+        reference-based ("specific") output. Returns float32 (B, 3, 512, 512) in [-1, 1] on the
         model's device.
         """
         if lq.dim() != 4 or tuple(lq.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
@@ -294,9 +308,9 @@ class DMDNet(nn.Module):
             identity.check_fits(self.fingerprint())
         with self._inference() as device:
             x = lq.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
-            sp = identity.tensors_on(device) if identity is not None else None
-            out_g, out_s = self(x, sanitize_boxes(boxes.to(device)), specific=sp, generic=identity is None)
-        return (out_g if identity is None else out_s).float().contiguous()
+            atoms = identity.tensors_on(device) if identity is not None else None
+            out = self(x, sanitize_boxes(boxes.to(device)), identity_atoms=atoms, generic=identity is None)
+        return (out.generic if identity is None else out.identity).float().contiguous()
 
     def build_identity(
         self,
@@ -306,7 +320,7 @@ class DMDNet(nn.Module):
         embeddings: np.ndarray | None = None,
         batch_size: int = 4,
     ) -> IdentityDictionary:
-        """Specific dictionary from K >= 1 aligned high-quality references (K, 3, 512, 512)."""
+        """Identity dictionary from K >= 1 aligned high-quality references (K, 3, 512, 512)."""
         ref_boxes = torch.as_tensor(ref_boxes)
         if refs.dim() != 4 or refs.shape[0] < 1 or tuple(refs.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
             raise ValueError(f"refs must be (K>=1, 3, {CROP_SIZE}, {CROP_SIZE}), got {tuple(refs.shape)}")

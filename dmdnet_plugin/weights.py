@@ -7,27 +7,55 @@ checkpoint from the internet must never run code when it is opened.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
 from .model import DMDNet
-from .runtime import tune_cpu_allocator
+from .runtime import pick_device, pick_precision, tune_cpu_allocator
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
 OFFICIAL_NAME = "DMDNet.pth"
 CHECKPOINT_FORMAT = "dmdnet-checkpoint"
 CHECKPOINT_VERSION = 1
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# The demo checkpoint that ships inside the package (docs/training_demo.md says how it was made).
+BUNDLED = Path(__file__).resolve().parent / "data" / "dmdnet_demo.safetensors"
+BUNDLED_SHA256 = ""
+DEMO_NOTE = ("using the small bundled demo model (trained on a CPU on a few hundred faces, far below the "
+             "authors' weights); run `dmdnet weights download` for the authors' DMDNet.pth")
 
 
 class WeightsError(RuntimeError):
     """A checkpoint is missing or unusable; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Which checkpoint a model came from and why it was chosen, for logs, reports and pages."""
+
+    path: Path
+    origin: str  # "--weights", "DMDNET_WEIGHTS", "cache" or "bundled demo"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.origin == "bundled demo"
+
+    def describe(self) -> str:
+        return f"{self.path.name} ({self.origin})"
+
+    def record(self) -> dict:
+        return {"path": str(self.path), "origin": self.origin, "demo": self.is_demo}
+
+    def notice(self) -> str:
+        """What every surface tells its user: the file, and for the demo model how to get the real one."""
+        text = f"weights: {self.path} ({self.origin})"
+        return f"{text}\nnote: {DEMO_NOTE}" if self.is_demo else text
 
 
 def cache_dir() -> Path:
@@ -38,44 +66,62 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def find_weights(explicit: str | Path | None = None, download: bool = True) -> Path:
-    """Resolve the checkpoint: explicit path, ``$DMDNET_WEIGHTS``, the cache, then the release URL."""
-    for source, value in (("--weights", explicit), ("DMDNET_WEIGHTS", os.environ.get("DMDNET_WEIGHTS"))):
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_weights(explicit: str | Path | None = None) -> WeightsSource:
+    """Resolve the checkpoint: explicit path, ``$DMDNET_WEIGHTS``, the cache, then the bundled demo.
+
+    Never touches the network: ``dmdnet weights download`` fetches the authors' file on request.
+    """
+    for origin, value in (("--weights", explicit), ("DMDNET_WEIGHTS", os.environ.get("DMDNET_WEIGHTS"))):
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise WeightsError(f"{path}: weights file not found (given by {source})")
-            return path
-    cached = sorted(cache_dir().glob("*.safetensors")) + [cache_dir() / OFFICIAL_NAME]
-    for path in cached:
+                raise WeightsError(f"{path}: weights file not found (given by {origin})")
+            return WeightsSource(path, origin)
+    for path in sorted(cache_dir().glob("*.safetensors")) + [cache_dir() / OFFICIAL_NAME]:
         if path.is_file():
-            return path
-    target = cache_dir() / OFFICIAL_NAME
-    if download:
-        url = os.environ.get("DMDNET_WEIGHTS_URL", OFFICIAL_URL)
-        try:
-            return download_file(url, target)
-        except OSError as exc:
-            reason = f"download from {url} failed ({exc})"
-    else:
-        reason = "downloading is off"
+            return WeightsSource(path, "cache")
+    if BUNDLED.is_file():
+        if sha256_of(BUNDLED) != BUNDLED_SHA256:
+            raise WeightsError(f"{BUNDLED}: the bundled demo checkpoint is damaged (sha256 differs); reinstall "
+                               "the package, or pass --weights PATH")
+        return WeightsSource(BUNDLED, "bundled demo")
     raise WeightsError(
-        f"no DMDNet weights found and {reason}. Put {OFFICIAL_NAME} (from {OFFICIAL_URL}) at {target}, "
-        "or pass --weights PATH, or set DMDNET_WEIGHTS=PATH"
+        f"no DMDNet weights found: run `dmdnet weights download` (fetches {OFFICIAL_NAME} into "
+        f"{cache_dir()}), or put it there yourself, or pass --weights PATH, or set DMDNET_WEIGHTS=PATH"
     )
 
 
-def download_file(url: str, target: Path) -> Path:
-    """Download with a progress bar into ``target`` atomically, then check it loads."""
+def download_official(url: str = OFFICIAL_URL, target: Path | None = None) -> Path:
+    """Fetch the authors' checkpoint into the cache with a progress bar, atomically.
+
+    The integrity check is a strict load (every tensor name and shape of the configuration the
+    file claims): a truncated, HTML or foreign file never reaches the cache.
+    """
     from tqdm import tqdm
 
-    with urllib.request.urlopen(url, timeout=30) as response, atomic_path(target) as tmp:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-        read_state_dict(tmp)  # a truncated or wrong download never reaches the cache
+    target = target or cache_dir() / OFFICIAL_NAME
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, atomic_path(target) as tmp:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            try:
+                state, config = read_state_dict(tmp)
+                build_model(state, config, source=f"download from {url}")
+            except WeightsError as exc:
+                raise WeightsError(str(exc).replace(str(tmp), f"download from {url}")) from None
+    except OSError as exc:
+        raise WeightsError(f"download from {url} failed ({exc})") from None
     return target
 
 
@@ -138,30 +184,24 @@ def build_model(state: dict[str, torch.Tensor], config: dict | None = None, sour
     return model
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
-
-
 def load_model(
     path: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> DMDNet:
     """Load a checkpoint (found by :func:`find_weights` when ``path`` is None) for inference.
 
-    ``dtype`` is the compute precision of :meth:`DMDNet.restore` (autocast); the weights
-    stay float32 so that fingerprints and identity dictionaries do not depend on it.
+    ``device`` and ``dtype`` (the compute precision of :meth:`DMDNet.restore`, by autocast)
+    default to :mod:`runtime`'s rule: CUDA when available; fp16 on CUDA, fp32 on CPU. The
+    weights stay float32, so fingerprints and identity dictionaries do not depend on the
+    precision. The model's ``weights_source`` says which file it is and why it was chosen.
     """
-    path = find_weights(path)
-    state, config = read_state_dict(path)
-    model = build_model(state, config, source=str(path))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source = find_weights(path)
+    state, config = read_state_dict(source.path)
+    model = build_model(state, config, source=str(source.path))
+    model.weights_source = source
+    device = pick_device(device)
     if device.type == "cpu":
         tune_cpu_allocator()
-    model.compute_dtype = resolve_dtype(dtype)
+    model.compute_dtype = pick_precision(dtype, device)
     return model.to(device).eval()
 
 

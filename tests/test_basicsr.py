@@ -1,7 +1,9 @@
 """BasicSR integration: real training runs of `basicsr_arch/train.py` on CPU, resume, DDP, data."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -52,12 +54,12 @@ def test_train_validate_load_and_resume_on_cpu(run_name):
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = ROOT / "experiments" / run_name
     log = log_text(run_name)
-    assert "l_pix_generic" in log and "l_pix_specific" in log and "l_g_gan_d_eye_generic" in log
+    assert "l_pix_generic" in log and "l_pix_identity" in log and "l_g_gan_d_eye_generic" in log
     assert "Validation celebref_tiny_val @ 2: psnr_generic" in log and "psnr_input" in log
     grids = sorted((exp / "visualization" / "celebref_tiny_val").glob("*_2.png"))
     assert len(grids) == 3
     import cv2
-    assert cv2.imread(str(grids[0])).shape == (512, 2048, 3)  # input | generic | reference-based | ground truth
+    assert cv2.imread(str(grids[0])).shape == (512, 2048, 3)  # input | generic | identity | ground truth
     assert list((ROOT / "tb_logger" / run_name).glob("events.out.tfevents.*"))
 
     model = load_model(exp / "models" / "net_g_2.pth", device="cpu")
@@ -70,6 +72,17 @@ def test_train_validate_load_and_resume_on_cpu(run_name):
     log = log_text(run_name)
     assert "Resuming training from epoch: 0, iter: 2." in log and "iter:       3," in log
     assert (exp / "models" / "net_g_latest.pth").exists()
+
+
+def test_bf16_autocast_training_on_cpu(run_name):
+    proc = train(run_name, "train:autocast=bf16", "train:total_iter=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = re.findall(r"(l_pix_\w+): (\S+)", log_text(run_name))
+    assert {name for name, _ in losses} == {"l_pix_generic", "l_pix_identity"}
+    assert all(math.isfinite(float(value)) for _, value in losses)
+    proc = train(run_name + "_fp8", "train:autocast=fp8", "train:total_iter=1")
+    shutil.rmtree(ROOT / "experiments" / (run_name + "_fp8"), ignore_errors=True)
+    assert proc.returncode != 0 and "train.autocast: got 'fp8', expected bf16 or nothing" in proc.stderr
 
 
 def test_two_process_ddp_on_gloo(run_name):

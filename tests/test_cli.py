@@ -16,7 +16,7 @@ from dmdnet_plugin.align import CROP_MASK, paste_face
 from dmdnet_plugin.cli import main
 from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.io import read_image
-from dmdnet_plugin.pipeline import Restorer
+from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.weights import save_checkpoint
 
 
@@ -63,8 +63,7 @@ def test_multi_face_photo_keeps_its_background_exactly(tmp_path, weights, capsys
     original, restored = read_image(src).pixels, read_image(tmp_path / "out" / "family.png").pixels
     assert restored.shape == original.shape and restored.dtype == original.dtype
     reach = np.zeros(original.shape[:2], np.float32)  # where any face's crop can land
-    restorer = Restorer(small_net(), DlibBackend("hog"))
-    faces, _ = restorer.detect(original.astype(np.float32) / 255)
+    faces = FaceHelper(DlibBackend("hog")).detect(original.astype(np.float32) / 255).faces
     for f in faces:
         paste_face(reach, np.ones((512, 512, 3), np.float32), f.matrix)
     far = reach == 0
@@ -78,11 +77,9 @@ def test_multi_face_photo_keeps_its_background_exactly(tmp_path, weights, capsys
 
 def test_paste_back_of_an_unchanged_crop_leaves_no_seam_or_colour_shift(backend):
     picture = read_image(DATA / "photos" / "family.jpg")
-    restorer = Restorer(small_net(), backend)
-    faces, _ = restorer.detect(picture.rgb())
-    for f in faces:
-        f.restored = f.crop
-    pasted, _ = restorer.paste(picture, faces)
+    helper = FaceHelper(backend)
+    faces = helper.detect(picture.rgb()).faces
+    pasted, _ = helper.paste(picture, [(f, f.crop) for f in faces])
     diff = np.abs(pasted.astype(int) - picture.pixels.astype(int))
     assert diff.max() <= 40 and diff.mean() < 0.2  # only bilinear resampling error, near edges
     assert abs(float((pasted.astype(float) - picture.pixels).mean())) < 0.05  # no colour shift
@@ -118,7 +115,7 @@ def test_report_schema(tmp_path, weights):
     assert run("restore", src, tmp_path / "broken.png", "-o", tmp_path / "out", "--weights", weights,
                "--report", tmp_path / "r.json") == 1
     report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report) == {"files"}
+    assert set(report) == {"weights", "files"} and report["weights"]["origin"] == "--weights"
     ok, bad = report["files"]
     assert set(ok) >= {"input", "output", "status", "error", "faces"}
     assert ok["status"] == "ok" and ok["error"] is None and ok["output"].endswith("family.png")
@@ -225,14 +222,20 @@ def test_output_never_overwrites_the_input(tmp_path, weights, capsys):
     assert digest(src) == before
 
 
-def test_console_script_without_weights_says_where_they_go(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "DMDNET_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path),
-           "DMDNET_WEIGHTS_URL": "http://127.0.0.1:9/DMDNet.pth"}
+def test_console_script_offline_runs_the_bundled_demo_and_says_so(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "DMDNET_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
     dmdnet = [sys.executable, "-m", "dmdnet_plugin.cli"]
-    proc = subprocess.run(dmdnet + ["restore", str(DATA / "photos" / "family.jpg"), "-o", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(dmdnet + ["restore", str(DATA / "photos" / "family.jpg"), "-o", str(tmp_path / "o"),
+                                    "--report", str(tmp_path / "r.json")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "dmdnet_demo.safetensors (bundled demo)" in proc.stderr and "dmdnet weights download" in proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["weights"]["origin"] == "bundled demo" and report["weights"]["demo"] is True
+    assert report["files"][0]["status"] == "ok" and (tmp_path / "o" / "family.jpg").is_file()
+    proc = subprocess.run(dmdnet + ["restore", str(DATA / "photos" / "family.jpg"), "-o", str(tmp_path / "o"),
+                                    "--weights", str(tmp_path / "nope.pth")], capture_output=True, text=True, env=env)
     assert proc.returncode == 2
-    assert "no DMDNet weights found" in proc.stderr and "DMDNet.pth" in proc.stderr
+    assert "nope.pth: weights file not found" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -4,6 +4,7 @@ The real server is exercised by tests/test_comfy_integration.py when COMFYUI_PAT
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -55,7 +56,8 @@ def test_node_contracts(comfy):
         assert isinstance(cls.RETURN_TYPES, tuple)
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("DMDNet ")
     assert nodes["DMDNetSaveIdentity"].OUTPUT_NODE
-    assert nodes["DMDNetModelLoader"].INPUT_TYPES()["required"]["model_name"][0] == ["dmdnet.safetensors"]
+    listed = nodes["DMDNetModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors"]  # the bundled demo, where it ships
 
 
 def test_workflow_builder_matches_the_nodes_and_the_files(comfy, tmp_path):
@@ -165,7 +167,8 @@ def test_example_workflows_run(comfy, tmp_path):
     image, faces = results["6"]
     assert image.shape == (1, 512, 1024, 3) and faces.shape == (2, 512, 512, 3)
     detected = results["3"][0].faces
-    assert all(f.identity is None for f in detected)  # the detector's cached output was not changed
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the detector's cached output cannot be changed
+        detected[0].crop = None
     assert (outputs / "dmdnet_group_00000_.png").exists()
     mask = results["3"][2]
     assert mask.shape == (1, 512, 1024) and mask.max() == 1 and mask[0, 5, 5] == 0
@@ -208,3 +211,40 @@ def test_identity_names_cannot_leave_their_folder(comfy, name):
     with pytest.raises(ValueError, match="invalid identity name"):
         node.identity_path(name)
     assert node.identity_path("Grandma 1950").endswith("dmdnet_identities/Grandma 1950.safetensors")
+
+
+def test_cli_gradio_and_comfyui_return_the_same_pixels(comfy, tmp_path):
+    """One pipeline under every surface: the same photo and identity give the same restored image."""
+    sys.path.insert(0, str(ROOT))
+    gradio_app = pytest.importorskip("gradio_app")
+    from dmdnet_plugin.cli import main
+    from dmdnet_plugin.io import read_image
+
+    pack, models = comfy
+    nodes = pack.NODE_CLASS_MAPPINGS
+    weights = models / "dmdnet" / "dmdnet.safetensors"
+    photo = tmp_path / "obama.png"  # lossless, so that files can be compared to the pixel
+    cv2.imwrite(str(photo), cv2.imread(str(ROOT / "examples" / "photos" / "obama_lowres.jpg")))
+    identity = models / "dmdnet_identities" / "obama.safetensors"
+    assert main(["identity", "build", str(ROOT / "examples" / "refs" / "obama"), "-o", str(identity),
+                 "--name", "obama", "--weights", str(weights)]) == 0
+    assert main(["restore", str(photo), "-o", str(tmp_path / "cli"), "--weights", str(weights),
+                 "--identity", str(identity), "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"][0]["identity"] == "obama"
+    by_cli = read_image(tmp_path / "cli" / "obama.png").pixels
+
+    gradio_app.SETTINGS.weights, gradio_app.SETTINGS.device = str(weights), "cpu"
+    gradio_app._SHARED.clear()
+    out = gradio_app.restore(str(photo), None, str(identity), "auto", 1.0, 1.0, False, progress=lambda *a, **k: None)
+    gradio_app._SHARED.clear()
+    by_gradio = read_image(out[4]).pixels
+
+    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "cpu", "auto")[0]
+    identities = nodes["DMDNetLoadIdentity"]().load("obama.safetensors")[0]
+    image = _load_image(tmp_path, "obama.png")[0]
+    restored = nodes["DMDNetRestoreFaces"]().restore(model, image, 1.0, 0.5, 4, identities=identities)[0]
+    by_comfy = (restored[0].numpy() * 255).round().astype(np.uint8)
+
+    assert np.abs(by_cli.astype(int) - read_image(photo).pixels).mean() > 1  # the face was restored
+    np.testing.assert_array_equal(by_gradio, by_cli)
+    np.testing.assert_array_equal(by_comfy, by_cli)

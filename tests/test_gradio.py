@@ -56,7 +56,7 @@ def test_photo_with_references_gives_both_results_and_downloads(app):
     ident = IdentityDictionary.load(identity_file)
     assert ident.n_refs == len(REFS)
     assert "1 face(s) restored, 1 with the identity dictionary" in message
-    # the dictionary is reusable: uploading it gives the same reference-based result
+    # the dictionary is reusable: uploading it gives the same identity result
     again = call(app, PHOTO, None, identity_file)
     assert np.array_equal(again[2], specific) and again[5] is None
     # upscale: the slider's before image is resized to the result
@@ -73,7 +73,7 @@ def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
         ((None,), "Upload a photo first."),
         ((sky,), "No face found in this photo."),
         ((notes,), "notes.png: not an image file"),
-        ((PHOTO, None, None, "reference-based"), "needs reference photos or an identity dictionary"),
+        ((PHOTO, None, None, "identity"), "needs reference photos or an identity dictionary"),
     ):
         with pytest.raises(gr.Error, match=expected) as err:
             call(app, *args)
@@ -86,10 +86,19 @@ def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
     app._SHARED.clear()
     monkeypatch.setattr(app.SETTINGS, "weights", None)
     monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("DMDNET_WEIGHTS_URL", "http://127.0.0.1:9/DMDNet.pth")
     monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
+    monkeypatch.setattr("dmdnet_plugin.weights.BUNDLED", tmp_path / "not_installed.safetensors")
     with pytest.raises(gr.Error, match="no DMDNet weights found"):
         call(app, PHOTO)
+
+
+def test_the_page_says_when_it_runs_the_bundled_demo_model(app, monkeypatch, tmp_path):
+    app._SHARED.clear()
+    monkeypatch.setattr(app.SETTINGS, "weights", None)
+    monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
+    message = call(app, PHOTO, mode="generic")[-1]
+    assert "dmdnet_demo.safetensors (bundled demo)" in message and "dmdnet weights download" in message
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,24 @@ def test_inference_mode_weights_work(small):
         out = net.restore(lq, boxes)
         assert net.fingerprint() == small.fingerprint()
     assert torch.equal(out, expected)
+
+
+def test_training_forward_with_references_runs_under_bf16_autocast():
+    """Per-face reference atoms come out of autocast in bf16; the dictionary read promotes them."""
+    torch.manual_seed(0)
+    net = DMDNet(ngf=8, banks_num=4, trainable_dictionary=True).train()
+    inputs = load_parity_inputs()
+    lq, boxes = inputs["lq"][:2], inputs["lq_boxes"][:2]
+    refs = inputs["refs"][:2].unsqueeze(1).repeat(1, 2, 1, 1, 1)  # two faces, two references each
+    ref_boxes = inputs["ref_boxes"][:2].unsqueeze(1).repeat(1, 2, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(lq, boxes, generic=True, refs=refs, ref_boxes=ref_boxes)
+        loss = (out.generic.float() - lq).abs().mean() + (out.identity.float() - lq).abs().mean()
+    assert out.generic.dtype == out.identity.dtype == torch.bfloat16
+    loss.backward()
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    unused = {name for name, g in grads.items() if g is None}
+    assert all(name.startswith("E_hq.") and "_Q." in name for name in unused)  # the authors' unused heads
+    for name in ("E_hq.conv1.0.weight_orig", "LE_256_KV.Key.0.weight_orig", "le_256_mem_key", "LE_256_Mask.conv1.0.weight_orig"):
+        assert grads[name].abs().sum() > 0, name  # reference encoder, dictionaries and mask all train

@@ -81,19 +81,82 @@ def test_text_and_empty_files_are_refused(tmp_path):
             load_model(tmp_path / name, device="cpu")
 
 
-def test_discovery_order_and_offline_message(small, tmp_path, monkeypatch):
+def test_discovery_order_ends_at_the_bundled_demo_and_never_downloads(small, tmp_path, monkeypatch):
+    from dmdnet_plugin import weights
     from dmdnet_plugin.weights import save_checkpoint
 
     monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
-    monkeypatch.setenv("DMDNET_WEIGHTS_URL", "http://127.0.0.1:9/DMDNet.pth")  # nothing listens on port 9
-    with pytest.raises(WeightsError, match="no DMDNet weights found and download from .* failed.*Put DMDNet.pth"):
-        find_weights()
+    bundled = find_weights()
+    assert bundled.path == weights.BUNDLED and bundled.is_demo and "dmdnet weights download" in bundled.notice()
     cached = save_checkpoint(small, tmp_path / "cache" / "mine.safetensors")
-    assert find_weights() == cached
+    assert find_weights() == weights.WeightsSource(cached, "cache")
     env = save_checkpoint(small, tmp_path / "env.safetensors")
     monkeypatch.setenv("DMDNET_WEIGHTS", str(env))
-    assert find_weights() == env
-    assert find_weights(cached) == cached
+    assert find_weights().path == env and find_weights().origin == "DMDNET_WEIGHTS"
+    assert find_weights(cached).origin == "--weights"
     with pytest.raises(WeightsError, match="nope.pth: weights file not found \\(given by --weights\\)"):
         find_weights(tmp_path / "nope.pth")
+    monkeypatch.delenv("DMDNET_WEIGHTS")
+    (tmp_path / "cache" / "mine.safetensors").unlink()
+    monkeypatch.setattr(weights, "BUNDLED", tmp_path / "missing.safetensors")
+    with pytest.raises(WeightsError, match="no DMDNet weights found: run `dmdnet weights download`"):
+        find_weights()
+
+
+def test_a_damaged_bundled_checkpoint_is_refused_by_its_checksum(tmp_path, monkeypatch):
+    from dmdnet_plugin import weights
+
+    damaged = tmp_path / "dmdnet_demo.safetensors"
+    data = bytearray(weights.BUNDLED.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
+    monkeypatch.setattr(weights, "BUNDLED", damaged)
+    with pytest.raises(WeightsError, match="bundled demo checkpoint is damaged"):
+        load_model(device="cpu")
+
+
+def test_the_bundled_checksum_is_the_shipped_file():
+    from dmdnet_plugin import weights
+
+    assert weights.sha256_of(weights.BUNDLED) == weights.BUNDLED_SHA256
+    model = load_model(weights.BUNDLED, device="cpu")
+    assert model.weights_source.path == weights.BUNDLED and model.weights_source.origin == "--weights"
+    assert weights.BUNDLED.stat().st_size <= 25 * 1024 * 1024
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving ``tmp_path / 'www'``."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_weights_download_checks_the_file_before_keeping_it(small, tmp_path, http_folder, capsys):
+    from dmdnet_plugin.cli import main
+
+    root, url = http_folder
+    torch.save(small.state_dict(), root / "DMDNet.pth")
+    (root / "page.html").write_text("<html>rate limited</html>")
+    cache = tmp_path / "cache"
+    assert main(["weights", "download", "--url", f"{url}/page.html", "--to", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "page.html" in err and "not a readable checkpoint" in err and not (cache / "DMDNet.pth").exists()
+    assert main(["weights", "download", "--url", f"{url}/missing.pth", "--to", str(cache)]) == 2
+    assert "404" in capsys.readouterr().err and not list(cache.glob("*"))
+    assert main(["weights", "download", "--url", f"{url}/DMDNet.pth", "--to", str(cache)]) == 0
+    assert (cache / "DMDNet.pth").read_bytes() == (root / "DMDNet.pth").read_bytes()
+    assert load_model(cache / "DMDNet.pth", device="cpu").fingerprint() == small.fingerprint()

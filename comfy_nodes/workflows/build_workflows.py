@@ -23,7 +23,7 @@ NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, st
                                        ("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
     "DMDNetSaveIdentity": (["name"], [("identities", "DMDNET_IDENTITY")], []),
     "DMDNetLoadIdentity": (["identity_name"], [("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
-    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size"],
+    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size", "mode"],
                            [("model", "DMDNET_MODEL"), ("image", "IMAGE"), ("faces", "DMDNET_FACES"),
                             ("identities", "DMDNET_IDENTITY")], [("image", "IMAGE"), ("restored_faces", "IMAGE")]),
 }
@@ -34,7 +34,7 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
     "generic_restore": {
         1: ("LoadImage", ["family.jpg", "image"], {}),
         2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
-        3: ("DMDNetRestoreFaces", [1.0, 0.5, 4], {"model": (2, 0), "image": (1, 0)}),
+        3: ("DMDNetRestoreFaces", [1.0, 0.5, 4, "auto"], {"model": (2, 0), "image": (1, 0)}),
         4: ("SaveImage", ["dmdnet_generic"], {"images": (3, 0)}),
         5: ("SaveImage", ["dmdnet_generic_faces"], {"images": (3, 1)}),
     },
@@ -54,7 +54,7 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         3: ("DMDNetDetectFaces", ["auto", 24, 0, False], {"image": (1, 0)}),
         4: ("DMDNetLoadIdentity", ["obama.safetensors"], {}),
         5: ("DMDNetLoadIdentity", ["person2.safetensors"], {"identities": (4, 0)}),
-        6: ("DMDNetRestoreFaces", [1.0, 0.5, 4], {"model": (2, 0), "image": (1, 0), "faces": (3, 0),
+        6: ("DMDNetRestoreFaces", [1.0, 0.5, 4, "auto"], {"model": (2, 0), "image": (1, 0), "faces": (3, 0),
                                                   "identities": (5, 0)}),
         7: ("SaveImage", ["dmdnet_group"], {"images": (6, 0)}),
         8: ("SaveImage", ["dmdnet_group_faces"], {"images": (6, 1)}),

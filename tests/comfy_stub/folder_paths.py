@@ -20,3 +20,9 @@ def get_full_path(name: str, filename: str) -> str | None:
         if os.path.isfile(path):
             return path
     return None
+
+
+def add_model_folder_path(name: str, path: str, is_default: bool = False) -> None:
+    folders = folder_names_and_paths.setdefault(name, ([], set()))[0]
+    if path not in folders:
+        folders.insert(0, path) if is_default else folders.append(path)
