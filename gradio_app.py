@@ -76,20 +76,22 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
     """Everything the page shows for one request; problems become one readable message."""
     if not photo:
         raise gr.Error("Upload a photo first.")
-    ref_paths = list(ref_paths or [])
+    ref_paths, chosen = list(ref_paths or []), Mode(mode)
     try:
         model, backend = shared_model()
         restorer = Restorer(model, FaceHelper(backend, only_largest=largest_only))
         picture = read_image(photo)
         progress(0.1, desc="identity dictionary")
         ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
-        if mode == Mode.IDENTITY and ident is None:
+        if chosen is Mode.IDENTITY and ident is None:
             raise gr.Error("Identity mode needs reference photos or an identity dictionary.")
         progress(0.3, desc="finding faces")
         detections = restorer.helper.find([picture])
         if not detections[0].faces:
             raise gr.Error("No face found in this photo.")
-        runs = {Mode.GENERIC: ()} | ({Mode(mode): (ident,)} if ident is not None and mode != Mode.GENERIC else {})
+        runs = {Mode.GENERIC: ()}  # always shown; then the chosen mode, when there is an identity
+        if ident is not None and chosen is not Mode.GENERIC:
+            runs[chosen] = (ident,)
         results = {}
         for step, (run_mode, identities) in enumerate(runs.items()):
             progress(0.4 + 0.3 * step, desc=f"restoring ({run_mode.value})")
@@ -97,18 +99,21 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
                                              detections=detections)[0]
     except (WeightsError, ImageError, IdentityError, ValueError) as exc:
         raise gr.Error(_readable(str(exc), [photo, *ref_paths, identity_path or ""])) from None
-    shown = results[Mode(mode)] if Mode(mode) in results else results[Mode.GENERIC]
+    with_identity = results.get(chosen) if chosen is not Mode.GENERIC else None
+    shown = with_identity or results[Mode.GENERIC]
     out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
     write_image(out_file, shown.pixels, shown.alpha)
     after = _display(shown.pixels)
-    matched = sum(f.identity is not None for f in shown.faces)
-    message = f"{len(shown.faces)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
+    restored = [f for f in shown.faces if f.restored is not None]
+    matched = sum(f.identity is not None for f in restored)
+    message = f"{len(restored)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
+    if len(restored) < len(shown.faces):
+        message += f"; {len(shown.faces) - len(restored)} left as they were (no identity matched)"
     message += "".join(f"\n\n{n}" for n in notes)
     message += "\n\n" + model.weights_source.notice().replace("\n", "\n\n")
-    with_identity = next((r for m, r in results.items() if m != Mode.GENERIC), None)
     return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results[Mode.GENERIC].pixels),
             _display(with_identity.pixels) if with_identity is not None else None,
-            [(to_uint8(f.restored), f"face {i + 1}") for i, f in enumerate(shown.faces) if f.restored is not None],
+            [(to_uint8(f.restored), f"face {i + 1}") for i, f in enumerate(restored)],
             str(out_file), ident_file, message)
 
 

@@ -145,7 +145,7 @@ def test_front_end_renders_the_nodes_with_widgets(server):
         browser.close()
     if os.environ.get("DMDNET_SCREENSHOTS"):
         shutil.copy(base / "frontend.png", Path(os.environ["DMDNET_SCREENSHOTS"]) / "comfyui_group_workflow.png")
-    assert widgets["DMDNetRestoreFaces"] == ["strength", "match_threshold", "batch_size"]
+    assert widgets["DMDNetRestoreFaces"] == ["strength", "match_threshold", "batch_size", "mode"]
     assert widgets["DMDNetDetectFaces"] == ["detector", "min_face_size", "max_faces", "largest_only"]
     assert widgets["DMDNetLoadIdentity"] == ["identity_name"]
     relevant = [e for e in errors if "DMDNet" in e or "node" in e.lower() or "Uncaught" in e]

@@ -1,0 +1,82 @@
+"""Restorer.run, the one call under every surface: its modes, and that it changes nothing it is given."""
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, small_net
+
+from dmdnet_plugin.align import TEMPLATE_BOXES
+from dmdnet_plugin.face_helper import FaceHelper
+from dmdnet_plugin.faces import DlibBackend
+from dmdnet_plugin.io import Picture
+from dmdnet_plugin.pipeline import Mode, Restorer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A photo of person 00005 (left) beside person 00022 (right), and 00005's identity."""
+    left = cv2.imread(str(DATA / "celebref" / "00005" / "3.jpg"))
+    right = cv2.imread(str(DATA / "lq" / "00022_14.jpg"))
+    picture = Picture(cv2.cvtColor(np.hstack([left, right]), cv2.COLOR_BGR2RGB))
+    restorer = Restorer(small_net(), FaceHelper(DlibBackend("hog")))
+    identity, rejected = restorer.build_identity([DATA / "celebref" / "00005" / f"{i}.jpg" for i in (0, 1, 2)],
+                                                 name="p5")
+    assert not rejected and identity.n_refs == 3
+    return restorer, picture, identity
+
+
+def _left_right(result):
+    return sorted(result.faces, key=lambda f: f.aligned.face.box[0])
+
+
+def test_modes_decide_each_face(setup):
+    restorer, picture, identity = setup
+    before = picture.pixels.copy()
+    detections = restorer.helper.find([picture])
+    runs = {mode: restorer.run([picture], mode, [identity], detections=detections)[0] for mode in Mode}
+    np.testing.assert_array_equal(picture.pixels, before)  # the input is never written to
+
+    left, right = _left_right(runs[Mode.AUTO])
+    assert left.identity is identity and left.distance < restorer.threshold < right.distance
+    assert right.identity is None and right.restored is not None  # generic for the stranger
+    assert all(f.identity is None and f.distance is None for f in runs[Mode.GENERIC].faces)
+    assert all(f.identity is identity for f in runs[Mode.IDENTITY].faces)
+
+    left, right = _left_right(runs[Mode.ONLY_MATCHED])
+    assert left.restored is not None and right.restored is None
+    assert right.record()["left_as_is"] == "no identity matched" and "left_as_is" not in left.record()
+    x1, y1, x2, y2 = right.aligned.face.box.astype(int)
+    out = runs[Mode.ONLY_MATCHED].pixels
+    np.testing.assert_array_equal(out[y1:y2, x1 + 40:x2], before[y1:y2, x1 + 40:x2])  # untouched, to the bit
+    np.testing.assert_array_equal(out[:, :400], runs[Mode.AUTO].pixels[:, :400])  # the matched face as in auto
+    assert np.abs(runs[Mode.AUTO].pixels[y1:y2, x1:x2].astype(int) - before[y1:y2, x1:x2]).mean() > 1
+
+
+def test_results_are_frozen_and_detections_can_be_reused(setup):
+    restorer, picture, identity = setup
+    fresh = restorer.run([picture], identities=[identity])[0]
+    detections = restorer.helper.find([picture])
+    reused = restorer.run([picture], identities=[identity], detections=detections)[0]
+    np.testing.assert_array_equal(fresh.pixels, reused.pixels)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fresh.faces[0].identity = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        detections[0].faces[0].matrix = None
+    assert restorer.identities == ()  # identities given to one run do not stay
+
+
+def test_bad_requests_are_refused_clearly(setup):
+    restorer, picture, identity = setup
+    with pytest.raises(ValueError, match="mode 'identity' needs exactly one identity dictionary, got 2"):
+        restorer.run([picture], Mode.IDENTITY, [identity, identity])
+    with pytest.raises(ValueError, match="'sideways' is not a valid Mode"):
+        restorer.run([picture], "sideways")
+    with pytest.raises(ValueError, match="1 detections for 2 pictures"):
+        restorer.run([picture, picture], detections=restorer.helper.find([picture]))
+    foreign = small_net(seed=5).build_identity(torch.zeros(1, 3, 512, 512), TEMPLATE_BOXES[None])  # another model's
+    with pytest.raises(ValueError, match="rebuild it from its references"):
+        restorer.run([picture], identities=[foreign])
