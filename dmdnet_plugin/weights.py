@@ -46,9 +46,6 @@ class WeightsSource:
     def is_demo(self) -> bool:
         return self.origin == "bundled demo"
 
-    def describe(self) -> str:
-        return f"{self.path.name} ({self.origin})"
-
     def record(self) -> dict:
         return {"path": str(self.path), "origin": self.origin, "demo": self.is_demo}
 

@@ -37,7 +37,7 @@ def test_bundled_checkpoint_beats_the_degraded_input_on_heldout_people(heldout_r
     for output in ("generic", "identity"):
         assert results[output]["psnr"] > results["input"]["psnr"], results
         assert results[output]["ssim"] > results["input"]["ssim"], results
-    assert cv2.imread(str(grid)).shape == (8 * 512, 4 * 512, 3)
+    assert cv2.imread(str(grid)).shape == (8 * 256, 4 * 256, 3)
 
 
 def test_make_demo_restores_the_examples_offline(tmp_path, monkeypatch, capsys):
