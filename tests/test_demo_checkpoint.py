@@ -52,7 +52,8 @@ def test_make_demo_restores_the_examples_offline(tmp_path, monkeypatch, capsys):
         panels = cv2.imread(str(path))[32:]
         third = panels.shape[1] // 3
         inp, generic, with_identity = (panels[:, i * third:(i + 1) * third] for i in range(3))
-        assert cv2.absdiff(inp, generic).mean() > 0.5, path.name
-        if path.name.startswith("obama"):  # the one person with references
-            assert cv2.absdiff(generic, with_identity).mean() > 0.1
+        changed = cv2.absdiff(inp, generic).max(axis=2) > 8  # where restoration moved a pixel by > 8 levels
+        assert changed.mean() > 0.01, path.name  # the faces (2.6% of the family photo, 17% of obama's)
+        if path.name.startswith("obama"):  # the one person with references: the identity changes the face
+            assert (cv2.absdiff(generic, with_identity).max(axis=2) > 4).mean() > 0.001
     assert (tmp_path / "out" / "obama.safetensors").is_file()
