@@ -45,7 +45,7 @@ def run_one(cfg: dict) -> dict:
     lq = torch.rand(b, 3, 512, 512) * 2 - 1
     boxes = torch.tensor(BOXES).repeat(b, 1, 1) + (torch.arange(b) % 3 * JITTER - JITTER).view(b, 1, 1)
     identity = net.build_identity(torch.rand(3, 3, 512, 512) * 2 - 1, torch.tensor(BOXES).repeat(3, 1, 1)) \
-        if cfg["mode"] == "reference" else None
+        if cfg["mode"] == "identity" else None
     restore = net.restore if cfg["path"] == "ours" else lambda *a: reference_restore(net, *a)
 
     def timed() -> float:
@@ -72,7 +72,7 @@ def configs(args) -> list[dict]:
     for device in devices:
         dtypes = ["fp32", "fp16"] + (["bf16"] if device == "cpu" else [])
         for batch in args.batches:
-            for mode in ("generic", "reference"):
+            for mode in ("generic", "identity"):
                 base = {"device": device, "batch": batch, "mode": mode, "threads": args.threads,
                         "repeat": args.repeat, "weights": args.weights}
                 out.append({**base, "path": "authors-style", "dtype": "fp32"})

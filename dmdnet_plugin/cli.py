@@ -18,7 +18,7 @@ from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, get_backend
 from .identity import IdentityDictionary, IdentityError
 from .io import ImageError, list_images, read_image, write_image
-from .pipeline import DEFAULT_THRESHOLD, Restorer, save_faces
+from .pipeline import DEFAULT_THRESHOLD, Mode, Restorer, save_faces
 from .runtime import PRECISIONS
 from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights, load_model
 
@@ -56,6 +56,8 @@ def _restorer(args, identities: Sequence[IdentityDictionary] = (), threshold: fl
 
 
 def cmd_restore(args) -> int:
+    if args.mode == Mode.IDENTITY and len(args.identity) != 1:
+        raise CliError("--mode identity needs exactly one --identity")
     identities = [IdentityDictionary.load(p) for p in args.identity]
     restorer = _restorer(args, identities, args.threshold, args.batch, min_face=args.min_face,
                          only_largest=args.only_largest)
@@ -70,7 +72,7 @@ def cmd_restore(args) -> int:
         try:
             if dst.resolve() == src.resolve():
                 raise ImageError(f"{src}: output would overwrite the input; choose another -o folder")
-            result = restorer.run([read_image(src)], aligned=args.aligned, upscale=args.upscale)[0]
+            result = restorer.run([read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale)[0]
             write_image(dst, result.pixels, result.alpha)
             if args.save_faces:
                 save_faces(result, out_dir, src.stem)
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR/<name of input>)")
     _model_args(p)
     p.add_argument("--identity", action="append", default=[], metavar="FILE", help="identity dictionary (repeatable)")
+    p.add_argument("--mode", default=Mode.AUTO.value, choices=[m.value for m in Mode],
+                   help="auto: faces matching an --identity use it, others generic; generic: ignore identities; "
+                        "identity: every face with the one --identity; only-matched: unmatched faces stay as they are")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"largest embedding distance that matches an identity (default {DEFAULT_THRESHOLD})")
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 face crops")

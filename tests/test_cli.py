@@ -264,3 +264,19 @@ def test_retinaface_backend_loads_its_weights_from_the_folder(tmp_path, monkeypa
     with pytest.raises(FaceModelsError, match="retinaface needs detection_Resnet50_Final.pth or detection_mobilenet0.25"):
         get_backend("retinaface", tmp_path / "empty")
     assert get_backend("auto", tmp_path / "empty").name == "dlib-hog"
+
+
+def test_only_matched_mode_leaves_strangers_as_they_were(tmp_path, weights):
+    photo = two_people(tmp_path)
+    ident = tmp_path / "p5.safetensors"
+    refs = [DATA / "celebref" / "00005" / f"{i}.jpg" for i in (0, 1, 2)]
+    assert run("identity", "build", *refs, "-o", ident, "--name", "p5", "--weights", weights) == 0
+    assert run("restore", photo, "-o", tmp_path / "out", "--weights", weights, "--identity", ident,
+               "--mode", "only-matched", "--report", tmp_path / "r.json") == 0
+    left, right = sorted(json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"], key=lambda f: f["box"][0])
+    assert left["identity"] == "p5" and "left_as_is" not in left
+    assert right["identity"] is None and right["left_as_is"] == "no identity matched"
+    x1, y1, x2, y2 = map(int, right["box"])
+    before, after = read_image(photo).pixels, read_image(tmp_path / "out" / photo.name).pixels
+    np.testing.assert_array_equal(after[y1:y2, x1 + 40:x2], before[y1:y2, x1 + 40:x2])
+    assert run("restore", photo, "-o", tmp_path / "out2", "--weights", weights, "--mode", "identity") == 2
