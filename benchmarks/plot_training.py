@@ -52,12 +52,16 @@ def plot(logs: list[tuple[Path, int]], out: Path) -> None:
     fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(11, 4))
     steps = sorted(losses)
     for name in sorted({k for v in losses.values() for k in v}):
-        points = [(s, losses[s][name]) for s in steps if name in losses[s]]
-        x, y = np.array(points).T
-        line, = ax_loss.plot(x, y, linewidth=0.6, alpha=0.35)
-        kernel = np.ones(min(SMOOTH, len(y))) / min(SMOOTH, len(y))
-        ax_loss.plot(x[len(kernel) - 1:], np.convolve(y, kernel, mode="valid"), color=line.get_color(),
-                     label=f"{name} (mean of {len(kernel)})")
+        x, y = np.array([(s, losses[s][name]) for s in steps if name in losses[s]]).T
+        gap = np.diff(x) > 5 * np.median(np.diff(x))  # a stage that did not train this branch
+        color, label = None, name
+        for xs, ys in zip(np.split(x, np.flatnonzero(gap) + 1), np.split(y, np.flatnonzero(gap) + 1)):
+            line, = ax_loss.plot(xs, ys, linewidth=0.6, alpha=0.35, color=color)
+            color, width = line.get_color(), min(SMOOTH, len(ys))
+            ax_loss.plot(xs[width - 1:], np.convolve(ys, np.ones(width) / width, mode="valid"), color=color,
+                         label=label)
+            label = None
+    ax_loss.plot([], [], color="none", label=f"(lines: mean of {SMOOTH} logged steps)")
     ax_loss.set(xlabel="iteration", ylabel="training loss (L1)", yscale="log", title="training loss")
     ax_loss.legend()
     steps = sorted(metrics)

@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = "dmdnet-checkpoint"
 CHECKPOINT_VERSION = 1
 # The demo checkpoint that ships inside the package (docs/training_demo.md says how it was made).
 BUNDLED = Path(__file__).resolve().parent / "data" / "dmdnet_demo.safetensors"
-BUNDLED_SHA256 = "ffd7de58277baa07fc89e665ba371720ebce9ba855d32ae4f8d793976f3639cb"
+BUNDLED_SHA256 = "4636bd12642e7b13332312766d8d951caa78e9eccc622464246b143c0c140ce4"
 DEMO_NOTE = ("using the small bundled demo model (trained on a CPU on a few hundred faces, far below the "
              "authors' weights); run `dmdnet weights download` for the authors' DMDNet.pth")
 
