@@ -94,7 +94,8 @@ def test_nodes_appear_in_object_info(server):
     info = _get(url + "/object_info")
     for name in NODES:
         assert info[name]["category"] == "DMDNet" and info[name]["display_name"].startswith("DMDNet ")
-    assert info["DMDNetModelLoader"]["input"]["required"]["model_name"][0] == ["dmdnet.safetensors"]
+    listed = info["DMDNetModelLoader"]["input"]["required"]["model_name"][0]
+    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors"]  # the bundled demo, registered in place
     log = (base / "server.log").read_text()
     assert not [line for line in log.splitlines() if "dmdnet" in line.lower() and ("FAILED" in line or "Cannot import" in line)]
 
