@@ -90,6 +90,8 @@ class DMDNetModel(BaseModel):
 
     def init_training_settings(self) -> None:
         train_opt = self.opt["train"]
+        if train_opt.get("autocast") not in (None, False, "bf16"):  # checked here, before any work
+            raise ValueError(f"train.autocast: got {train_opt['autocast']!r}, expected bf16 or nothing")
         self.net_g.train()
         self.ema_decay = train_opt.get("ema_decay", 0)
         if self.ema_decay > 0:
@@ -176,10 +178,7 @@ class DMDNetModel(BaseModel):
     def _autocast(self) -> torch.autocast:
         """``train.autocast: bf16`` runs forward passes and losses in bfloat16 (weights, optimiser
         states and the dictionary softmax stay fp32); bf16 needs no loss scaling."""
-        precision = self.opt["train"].get("autocast")
-        if precision not in (None, False, "bf16"):
-            raise ValueError(f"train.autocast: got {precision!r}, expected bf16 or nothing")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opt["train"].get("autocast") == "bf16")
 
     def _generator_losses(self) -> OrderedDict:
         """Every generator loss term, per branch, named ``<term>_<branch>``."""

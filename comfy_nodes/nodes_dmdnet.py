@@ -167,12 +167,11 @@ class DMDNetDetectFaces:
     def detect(self, image, detector, min_face_size, max_faces, largest_only):
         helper = FaceHelper(backend(detector), min_face=min_face_size, max_faces=max_faces or None,
                             only_largest=largest_only)
-        detections = helper.find(_pictures(image))
-        faces = [f for d in detections for f in d.faces]
-        if not faces:
+        wire = FacesWire(tuple(helper.find(_pictures(image))))
+        if not wire.faces:
             log.warning("DMDNet Detect Faces: no face found")
-        masks = FaceHelper.masks(faces, [tuple(image.shape[1:3])] * image.shape[0])
-        return (FacesWire(tuple(detections)), _crops_image([f.crop for f in faces]), torch.from_numpy(masks))
+        masks = FaceHelper.masks(wire.faces, [tuple(image.shape[1:3])] * image.shape[0])
+        return (wire, _crops_image([f.crop for f in wire.faces]), torch.from_numpy(masks))
 
 
 class DMDNetBuildIdentity:
