@@ -1,4 +1,4 @@
-"""ComfyUI entry point when this repository is cloned into ComfyUI/custom_nodes/."""
+"""ComfyUI entry point when this repository is cloned into ComfyUI/custom_nodes/ (V3: comfy_entrypoint)."""
 import os
 import sys
 
@@ -9,8 +9,8 @@ if _here not in sys.path:  # dmdnet_plugin importable without pip-installing thi
 try:
     import folder_paths  # noqa: F401  (exists only inside ComfyUI)
 except ImportError:  # imported by something else (pytest collecting the checkout): nothing to register
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+    __all__: list[str] = []
 else:
-    from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .comfy_nodes import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]

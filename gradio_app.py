@@ -20,6 +20,7 @@ from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import get_backend
 from dmdnet_plugin.identity import IdentityDictionary, IdentityError
 from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
+from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from dmdnet_plugin.pipeline import Mode, Restorer
 from dmdnet_plugin.weights import WeightsError, load_model
 
@@ -36,6 +37,24 @@ class Settings:
 
 SETTINGS = Settings()
 _SHARED: dict = {}
+
+
+def photo_input(**kwargs) -> gr.Image:
+    """``gr.Image`` whose unreadable uploads get a message naming the file: gradio's own is a
+    paragraph about "input component at index 0". Wrapped per instance, because a subclass of a
+    gradio component makes gradio write a ``.pyi`` file beside this one."""
+    component = gr.Image(**kwargs)
+    preprocess = component.preprocess
+
+    def named_errors(payload):
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            name = getattr(payload, "orig_name", None) or "the photo"
+            raise gr.Error(f"{name}: not a readable image ({type(exc).__name__})") from None
+
+    component.preprocess = named_errors
+    return component
 
 
 def shared_model():
@@ -72,14 +91,15 @@ def _identity(restorer: Restorer, ref_paths: list[str], identity_path: str | Non
 
 
 def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str | None, mode: str,
-            upscale: float, strength: float, largest_only: bool, progress=gr.Progress()):
+            upscale: float, strength: float, largest_only: bool, threshold: float = DEFAULT_THRESHOLD,
+            margin: float = DEFAULT_MARGIN, progress=gr.Progress()):
     """Everything the page shows for one request; problems become one readable message."""
     if not photo:
         raise gr.Error("Upload a photo first.")
     ref_paths, chosen = list(ref_paths or []), Mode(mode)
     try:
         model, backend = shared_model()
-        restorer = Restorer(model, FaceHelper(backend, only_largest=largest_only))
+        restorer = Restorer(model, FaceHelper(backend, only_largest=largest_only), threshold=threshold, margin=margin)
         picture = read_image(photo)
         progress(0.1, desc="identity dictionary")
         ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
@@ -107,8 +127,8 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
     restored = [f for f in shown.faces if f.restored is not None]
     matched = sum(f.identity is not None for f in restored)
     message = f"{len(restored)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
-    if len(restored) < len(shown.faces):
-        message += f"; {len(shown.faces) - len(restored)} left as they were (no identity matched)"
+    message += "".join(f"; face {i + 1} left as it was ({f.left_as_is})" for i, f in enumerate(shown.faces)
+                       if f.left_as_is)
     message += "".join(f"\n\n{n}" for n in notes)
     message += "\n\n" + model.weights_source.notice().replace("\n", "\n\n")
     return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results[Mode.GENERIC].pixels),
@@ -125,7 +145,7 @@ def build_ui() -> gr.Blocks:
                     "(or a saved identity dictionary) to keep that person's own features.")
         with gr.Row():
             with gr.Column():
-                photo = gr.Image(type="filepath", label="Photo (whole or an aligned face)")
+                photo = photo_input(type="filepath", label="Photo (whole or an aligned face)")
                 references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
                 identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
                 mode = gr.Radio(MODES, value="auto", label="Mode",
@@ -135,6 +155,12 @@ def build_ui() -> gr.Blocks:
                     upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
                     strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
                 largest = gr.Checkbox(False, label="Largest face only")
+                with gr.Accordion("Identity matching", open=False):
+                    threshold = gr.Slider(0.3, 0.7, value=DEFAULT_THRESHOLD, step=0.01, label="Match threshold",
+                                          info="largest embedding distance that can be the same person")
+                    margin = gr.Slider(0, 0.2, value=DEFAULT_MARGIN, step=0.01, label="Match margin",
+                                       info="the nearest person must be this much nearer than the next, or the face "
+                                            "stays unmatched (generic)")
                 run = gr.Button("Restore", variant="primary")
             with gr.Column():
                 slider = gr.ImageSlider(label="Before / after")
@@ -146,7 +172,7 @@ def build_ui() -> gr.Blocks:
                     result_file = gr.File(label="Full-resolution result")
                     identity_file = gr.File(label="Identity dictionary (reuse it later)")
                 status = gr.Markdown()
-        run.click(restore, [photo, references, identity, mode, upscale, strength, largest],
+        run.click(restore, [photo, references, identity, mode, upscale, strength, largest, threshold, margin],
                   [slider, generic, with_identity, gallery, result_file, identity_file, status], api_name="restore")
         gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
                      [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],

@@ -27,7 +27,53 @@ from dmdnet_plugin.components import CROP_SIZE, boxes_from_landmarks
 from dmdnet_plugin.faces import landmark_path, read_landmarks
 from dmdnet_plugin.io import IMAGE_EXTENSIONS
 
+from .option_checks import (
+    FLAG, TEXT, OptionError, Rule, check_options, existing_folder, list_of, number, one_of, value_range,
+)
+
 EYE_SWAP = [1, 0, 2, 3]  # a mirrored face's left eye is the original's right eye
+KERNELS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+LAYOUTS = ("auto", "identities", "plain", "person")
+ROOT_RULES = {"path": existing_folder(), "landmarks_root": existing_folder(), "layout": one_of(*LAYOUTS)}
+OPTION_RULES = {
+    # BasicSR's own dataset and data-loader keys
+    "name": TEXT, "type": TEXT, "phase": TEXT, "scale": number(1, 16, integer=True),
+    "num_worker_per_gpu": number(0, 64, integer=True), "batch_size_per_gpu": number(1, 4096, integer=True),
+    "dataset_enlarge_ratio": number(1, integer=True), "prefetch_mode": one_of("cpu", "cuda"),
+    "pin_memory": FLAG, "persistent_workers": FLAG, "num_prefetch_queue": number(1, integer=True),
+    "use_shuffle": FLAG,
+    # this dataset's
+    "dataroot_gt": existing_folder(), "landmarks_root": existing_folder(),
+    "dataroots": Rule("a list of folders or of {path, landmarks_root, layout} entries",
+                      lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, (str, dict)) for x in v)),
+    "num_refs": number(0, 64, integer=True), "use_hflip": FLAG, "deterministic": FLAG,
+    "include_identities": list_of(TEXT), "exclude_identities": list_of(TEXT),
+    "blur_kernel_size": Rule("an odd integer from 3 to 101",
+                             lambda v: number(3, 101, integer=True).accepts(v) and v % 2 == 1),
+    "kernel_list": list_of(one_of(*KERNELS)), "kernel_prob": list_of(number(0, 1)),
+    "blur_sigma": value_range(0, 100), "downsample_range": value_range(0.25, 64), "noise_range": value_range(0, 255),
+    "jpeg_range": value_range(1, 100), "color_jitter_prob": number(0, 1), "color_jitter_shift": number(0, 255),
+    "gray_prob": number(0, 1),
+}
+
+
+def check_dataset_options(opt: dict) -> None:
+    """Every key known, typed and in range, every folder present: a bad yml fails at once, by name."""
+    where = f"datasets.{opt.get('phase', '?')}"
+    check_options(where, opt, OPTION_RULES)
+    if not opt.get("dataroots") and not opt.get("dataroot_gt"):
+        raise OptionError(f"{where}: set dataroots (a list of folders) or dataroot_gt (one folder)")
+    for i, entry in enumerate(opt.get("dataroots") or []):
+        if isinstance(entry, str):
+            if not existing_folder().accepts(entry):
+                raise OptionError(f"{where}.dataroots[{i}]: got {entry!r}, expected an existing folder")
+            continue
+        check_options(f"{where}.dataroots[{i}]", entry, ROOT_RULES)
+        if "path" not in entry:
+            raise OptionError(f"{where}.dataroots[{i}]: needs a path")
+    kernels, probs = opt.get("kernel_list"), opt.get("kernel_prob")
+    if kernels is not None and probs is not None and len(kernels) != len(probs):
+        raise OptionError(f"{where}.kernel_prob: got {len(probs)} probabilities for {len(kernels)} kernels in kernel_list")
 
 
 def _images(folder: Path) -> list[Path]:
@@ -63,6 +109,7 @@ class DMDNetFaceDataset(data.Dataset):
 
     def __init__(self, opt: dict) -> None:
         super().__init__()
+        check_dataset_options(opt)
         self.opt = opt
         roots = opt.get("dataroots") or [{"path": opt["dataroot_gt"], "landmarks_root": opt.get("landmarks_root")}]
         include, exclude = opt.get("include_identities"), set(opt.get("exclude_identities") or [])

@@ -28,7 +28,67 @@ from torch.nn.parallel import DistributedDataParallel
 from dmdnet_plugin.atomic import atomic_path
 from dmdnet_plugin.components import COMPONENT_INDEX, PART_SIZES, crop_resize, sanitize_boxes
 
+from .option_checks import (
+    FLAG, SECTION, TEXT, OptionError, Rule, check_options, existing_file, list_of, mapping, number, one_of,
+)
+
 COMPONENT_DS = {"d_eye": ("le", "re"), "d_mouth": ("mo",)}  # discriminator -> components it judges
+LOSS = Rule("a loss section with a type", lambda v: isinstance(v, dict) and isinstance(v.get("type"), str))
+OPTIM_RULES = {
+    "type": one_of("Adam", "AdamW", "Adamax", "SGD", "ASGD", "RMSprop", "Rprop"),
+    "lr": number(1e-12, 1), "betas": list_of(number(0, 1)), "weight_decay": number(0), "eps": number(0),
+    "amsgrad": FLAG, "momentum": number(0, 1),
+}
+SCHEDULER_RULES = {
+    "type": one_of("MultiStepLR", "MultiStepRestartLR", "CosineAnnealingRestartLR"),
+    "milestones": list_of(number(0, integer=True)), "gamma": number(0, 1), "restarts": list_of(number(0, integer=True)),
+    "restart_weights": list_of(number(0)), "periods": list_of(number(1, integer=True)), "eta_min": number(0),
+}
+TRAIN_RULES = {
+    "ema_decay": number(0, 1), "optim_g": SECTION, "optim_d": SECTION, "scheduler": SECTION,
+    "total_iter": number(1, integer=True), "warmup_iter": number(-1, integer=True),
+    "pixel_opt": LOSS, "perceptual_opt": LOSS, "identity_opt": SECTION, "gan_opt": LOSS,
+    "autocast": Rule("bf16, or nothing for fp32", lambda v: v in ("bf16", False)), "lr_mult": mapping(TEXT, number(1e-6, 1e6)),
+}
+NETWORK_RULES = {"type": one_of("DMDNet"), "ngf": number(4, 512, integer=True),
+                 "banks_num": number(1, 4096, integer=True), "trainable_dictionary": FLAG}
+
+
+def check_model_options(opt: dict) -> None:
+    """The parts of the yml this model reads: typed, in range, and no unknown (misspelt) keys."""
+    check_options("network_g", opt.get("network_g"), NETWORK_RULES)
+    for key, value in (opt.get("path") or {}).items():
+        if key.startswith("pretrain_network_") and value is not None:
+            check_options("path", {key: value}, {key: existing_file()})
+    if not opt.get("is_train", True):
+        return
+    train = opt.get("train")
+    check_options("train", train, TRAIN_RULES)
+    for name in ("optim_g", "optim_d"):
+        if train.get(name) is not None:
+            check_options(f"train.{name}", train[name], OPTIM_RULES)
+            if "type" not in train[name] or "lr" not in train[name]:
+                raise OptionError(f"train.{name}: needs a type and an lr")
+    if train.get("scheduler") is not None:
+        check_options("train.scheduler", train["scheduler"], SCHEDULER_RULES)
+    if train.get("optim_g") is None:
+        raise OptionError("train.optim_g: missing; DMDNet needs a generator optimiser (e.g. {type: Adam, lr: 2e-4})")
+
+
+def lr_groups(net: torch.nn.Module, lr: float, lr_mult: dict[str, float]) -> list[dict]:
+    """Parameter groups for ``train.lr_mult`` (``{name part: factor}``, the longest matching part
+    wins), so that modules that start far behind, such as the identity branch's reference encoder,
+    key/value heads and masks, can learn faster than a converged generic path."""
+    parts = sorted(lr_mult, key=len, reverse=True)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    unused = [k for k in parts if not any(k in n for n, _ in named)]
+    if unused:
+        raise OptionError(f"train.lr_mult: {unused} match no trainable parameter of network_g")
+    by_factor: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        factor = next((float(lr_mult[k]) for k in parts if k in name), 1.0)
+        by_factor.setdefault(factor, []).append(param)
+    return [{"params": ps, "lr": lr * f} for f, ps in by_factor.items()]
 
 
 class IdentityLoss(torch.nn.Module):
@@ -66,6 +126,7 @@ def _niqe(img: np.ndarray) -> float:
 @MODEL_REGISTRY.register()
 class DMDNetModel(BaseModel):
     def __init__(self, opt: dict) -> None:
+        check_model_options(opt)
         super().__init__(opt)
         self.discriminators: dict[str, torch.nn.Module] = {}
         self.net_g = self.model_to_device(build_network(opt["network_g"]))
@@ -90,8 +151,6 @@ class DMDNetModel(BaseModel):
 
     def init_training_settings(self) -> None:
         train_opt = self.opt["train"]
-        if train_opt.get("autocast") not in (None, False, "bf16"):  # checked here, before any work
-            raise ValueError(f"train.autocast: got {train_opt['autocast']!r}, expected bf16 or nothing")
         self.net_g.train()
         self.ema_decay = train_opt.get("ema_decay", 0)
         if self.ema_decay > 0:
@@ -124,8 +183,8 @@ class DMDNetModel(BaseModel):
     def setup_optimizers(self) -> None:
         train_opt = self.opt["train"]
         opt_g = dict(train_opt["optim_g"])
-        params = [p for p in self.net_g.parameters() if p.requires_grad]
-        self.optimizer_g = self.get_optimizer(opt_g.pop("type"), params, **opt_g)
+        groups = lr_groups(self.net_g, opt_g["lr"], train_opt.get("lr_mult") or {})
+        self.optimizer_g = self.get_optimizer(opt_g.pop("type"), groups, **opt_g)
         self.optimizers.append(self.optimizer_g)
         if self.discriminators:
             opt_d = dict(train_opt["optim_d"])

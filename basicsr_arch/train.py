@@ -1,6 +1,7 @@
 """Train DMDNet with BasicSR: ``python basicsr_arch/train.py -opt options/dmdnet.yml``.
 
-BasicSR's usual flags work: --auto_resume, --debug, --launcher pytorch, --force_yml.
+BasicSR's usual flags work: --auto_resume, --debug, --launcher pytorch, --force_yml. A wrong
+option stops the run with one line naming it (basicsr_arch/option_checks.py), not a traceback.
 """
 import os.path as osp
 import sys
@@ -11,5 +12,10 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 import basicsr_arch  # noqa: E402,F401  (registers DMDNet, DMDNetModel, DMDNetFaceDataset; applies fixes)
 from basicsr.train import train_pipeline  # noqa: E402
 
+from basicsr_arch.option_checks import OptionError  # noqa: E402
+
 if __name__ == "__main__":
-    train_pipeline(ROOT)
+    try:
+        train_pipeline(ROOT)
+    except OptionError as exc:
+        sys.exit(f"error: {exc}")

@@ -1,4 +1,4 @@
-"""DMDNet custom nodes for ComfyUI (see nodes_dmdnet.py)."""
-from .nodes_dmdnet import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+"""DMDNet custom nodes for ComfyUI, on the V3 schema (see nodes_dmdnet.py)."""
+from .nodes_dmdnet import NODES, comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODES", "comfy_entrypoint"]

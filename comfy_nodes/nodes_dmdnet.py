@@ -1,8 +1,10 @@
-"""ComfyUI nodes for DMDNet: load, detect faces, build / save / load identities, restore.
+"""ComfyUI nodes for DMDNet (V3 schema): load, detect faces, build / save / load identities, restore.
 
 Glue only: detection, alignment, identity matching, restoration and paste-back are
 dmdnet_plugin's Restorer, the same code the CLI and the Gradio demo run. IMAGE is
-[B, H, W, C] float in 0..1 and MASK is [B, H, W], as everywhere in ComfyUI.
+[B, H, W, C] float in 0..1 and MASK is [B, H, W], as everywhere in ComfyUI. Written like
+ComfyUI's own comfy_extras nodes: ``io.ComfyNode`` classes with ``define_schema`` and
+``execute``, listed by a ``ComfyExtension`` (``comfy_entrypoint``).
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import functools
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,22 +22,34 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+from comfy_api.latest import ComfyExtension, io
 from dmdnet_plugin.components import CROP_SIZE
 from dmdnet_plugin.face_helper import MIN_FACE, AlignedFace, Detection, FaceHelper
 from dmdnet_plugin.faces import DETECTORS, get_backend
 from dmdnet_plugin.identity import IdentityDictionary
 from dmdnet_plugin.io import Picture
-from dmdnet_plugin.pipeline import DEFAULT_THRESHOLD, Mode, Restorer
+from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
+from dmdnet_plugin.pipeline import Mode, Restorer
 from dmdnet_plugin.runtime import PRECISIONS, pick_precision
 from dmdnet_plugin.weights import BUNDLED, load_model
 
 MODEL_FOLDERS = ("dmdnet", "facerestore_models")
 IDENTITY_FOLDER = "dmdnet_identities"
 CATEGORY = "DMDNet"
+FRAMES_PER_RUN = 8  # frames restored per Restorer.run: bounds a long batch's memory (detections are kept)
 MODE_HELP = ("auto: faces matching an identity use it, the rest generic; generic: ignore identities; "
              "identity: every face with the (single) identity; only-matched: unmatched faces stay as they are")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE_INPUTS = {  # name in ComfyUI's input folder -> bundled example; the templates load these
+    "dmdnet_family.jpg": "photos/family.jpg",
+    "dmdnet_obama_lowres.jpg": "photos/obama_lowres.jpg",
+    **{f"dmdnet_obama_ref{i}.jpg": f"refs/obama/o{i}.jpg" for i in (1, 2, 3)},
+}
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 log = logging.getLogger("dmdnet")
+ModelType = io.Custom("DMDNET_MODEL")  # a ModelHandle
+FacesType = io.Custom("DMDNET_FACES")  # a FacesWire
+IdentitiesType = io.Custom("DMDNET_IDENTITY")  # a list of IdentityDictionary, nearest wins per face
 
 
 def register_folders() -> None:
@@ -46,7 +62,18 @@ def register_folders() -> None:
         folder_paths.add_model_folder_path(MODEL_FOLDERS[0], str(BUNDLED.parent))
 
 
+def install_example_inputs() -> None:
+    """Copy the bundled example photos into ComfyUI's input folder, so that the templates in
+    example_workflows/ run as they are. Small files, copied once; a user's file is never replaced."""
+    target = Path(folder_paths.get_input_directory())
+    for name, source in EXAMPLE_INPUTS.items():
+        if not (target / name).exists() and (EXAMPLES / source).is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(EXAMPLES / source, target / name)
+
+
 register_folders()
+install_example_inputs()
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,7 +105,14 @@ class FacesWire:
         return tuple(f for d in self.detections for f in d.faces)
 
 
-def _pictures(image: torch.Tensor) -> list[Picture]:
+def _pictures(image: torch.Tensor, node: str, min_face: int = MIN_FACE) -> list[Picture]:
+    """The batch as Pictures; an empty batch, or images too small to hold a face, get a node error
+    that says so instead of failing later inside detection or ``torch.stack``."""
+    if image.dim() != 4 or image.shape[0] == 0:
+        raise ValueError(f"{node}: the image batch is empty (shape {tuple(image.shape)})")
+    h, w = image.shape[1:3]
+    if min(h, w) < min_face:
+        raise ValueError(f"{node}: the images are {w}x{h} px, too small to hold a face of {min_face} px")
     return [Picture(np.ascontiguousarray(img.cpu().float().numpy())) for img in image]
 
 
@@ -117,24 +151,30 @@ def _progress():
     return update
 
 
-class DMDNetModelLoader:
+class DMDNetModelLoader(io.ComfyNode):
     """Loads a checkpoint from models/dmdnet (the bundled demo is listed there too) once per graph."""
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)})
-        return {"required": {
-            "model_name": (names, {"tooltip": "checkpoint in models/dmdnet or models/facerestore_models"}),
-            "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
-            "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "auto: fp16 on CUDA, fp32 on CPU"}),
-        }}
+        return io.Schema(
+            node_id="DMDNetModelLoader", display_name="DMDNet Model Loader", category=CATEGORY,
+            description="Loads a DMDNet checkpoint (the authors' DMDNet.pth, .safetensors or a BasicSR checkpoint).",
+            inputs=[
+                io.Combo.Input("model_name", options=names,
+                               tooltip="checkpoint in models/dmdnet or models/facerestore_models (the bundled "
+                                       "dmdnet_demo.safetensors is a small demo model)"),
+                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
+                               tooltip="auto: ComfyUI's device"),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="auto: fp16 on CUDA, fp32 on CPU"),
+            ],
+            outputs=[ModelType.Output(display_name="model", tooltip="the loaded DMDNet, kept on the offload "
+                                                                    "device between runs")],
+        )
 
-    RETURN_TYPES = ("DMDNET_MODEL",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a DMDNet checkpoint (the authors' DMDNet.pth, .safetensors or a BasicSR checkpoint)."
-
-    def load(self, model_name: str, device: str, precision: str):
+    @classmethod
+    def execute(cls, model_name: str, device: str, precision: str) -> io.NodeOutput:
         path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, model_name))), None)
         if path is None:
             raise FileNotFoundError(f"DMDNet checkpoint {model_name} not found in models/dmdnet")
@@ -142,64 +182,73 @@ class DMDNetModelLoader:
         model.net = load_model(path, device=mm.unet_offload_device(),
                                dtype=pick_precision(precision, model.run_device()))
         log.info("DMDNet Model Loader: %s", model.net.weights_source.notice())
-        return (model,)
+        return io.NodeOutput(model)
 
 
-class DMDNetDetectFaces:
+class DMDNetDetectFaces(io.ComfyNode):
     """Finds and aligns faces once, so several Restore nodes (or a mask) can share them."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE",),
-            "detector": (list(DETECTORS), {"default": "auto", "tooltip": DETECTORS["auto"]}),
-            "min_face_size": ("INT", {"default": MIN_FACE, "min": 8, "max": 4096, "tooltip": "skip narrower faces (px)"}),
-            "max_faces": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "0: all faces"}),
-            "largest_only": ("BOOLEAN", {"default": False}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMDNetDetectFaces", display_name="DMDNet Detect Faces", category=CATEGORY,
+            description="Finds faces, aligns each to the 512x512 template and returns the crops and a mask of the "
+                        "face regions.",
+            inputs=[
+                io.Image.Input("image", tooltip="photos or a clip's frames"),
+                io.Combo.Input("detector", options=list(DETECTORS), default="auto", tooltip=DETECTORS["auto"]),
+                io.Int.Input("min_face_size", default=MIN_FACE, min=8, max=4096, tooltip="skip narrower faces (px)"),
+                io.Int.Input("max_faces", default=0, min=0, max=256, tooltip="0: all faces"),
+                io.Boolean.Input("largest_only", default=False, tooltip="keep only the largest face of each image"),
+            ],
+            outputs=[
+                FacesType.Output(display_name="faces", tooltip="the aligned faces, for DMDNet Restore Faces"),
+                io.Image.Output(display_name="aligned_crops", tooltip="each face aligned to 512x512"),
+                io.Mask.Output(display_name="face_mask", tooltip="1 inside the face regions, per image"),
+            ],
+        )
 
-    RETURN_TYPES = ("DMDNET_FACES", "IMAGE", "MASK")
-    RETURN_NAMES = ("faces", "aligned_crops", "face_mask")
-    FUNCTION = "detect"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Finds faces, aligns each to the 512x512 template and returns the crops and a mask of the face regions."
-
-    def detect(self, image, detector, min_face_size, max_faces, largest_only):
+    @classmethod
+    def execute(cls, image: torch.Tensor, detector: str, min_face_size: int, max_faces: int,
+                largest_only: bool) -> io.NodeOutput:
         helper = FaceHelper(backend(detector), min_face=min_face_size, max_faces=max_faces or None,
                             only_largest=largest_only)
-        wire = FacesWire(tuple(helper.find(_pictures(image))))
+        wire = FacesWire(tuple(helper.find(_pictures(image, "DMDNet Detect Faces", min_face_size))))
         if not wire.faces:
             log.warning("DMDNet Detect Faces: no face found")
         masks = FaceHelper.masks(wire.faces, [tuple(image.shape[1:3])] * image.shape[0])
-        return (wire, _crops_image([f.crop for f in wire.faces]), torch.from_numpy(masks))
+        return io.NodeOutput(wire, _crops_image([f.crop for f in wire.faces]), torch.from_numpy(masks))
 
 
-class DMDNetBuildIdentity:
+class DMDNetBuildIdentity(io.ComfyNode):
     """Builds a person's identity dictionary from a few good photos (the largest face of each)."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("DMDNET_MODEL",),
-            "reference_images": ("IMAGE", {"tooltip": "a few good photos of one person; the largest face of each is used"}),
-            "name": ("STRING", {"default": "person"}),
-        }, "optional": {
-            "identities": ("DMDNET_IDENTITY", {"tooltip": "chain: identities to keep alongside the new one"}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMDNetBuildIdentity", display_name="DMDNet Build Identity Dictionary", category=CATEGORY,
+            description="Builds a person's identity dictionary from reference photos (once; save it to reuse).",
+            inputs=[
+                ModelType.Input("model", tooltip="from DMDNet Model Loader; a dictionary fits only this model"),
+                io.Image.Input("reference_images", tooltip="a few good photos of one person; the largest face of "
+                                                          "each is used"),
+                io.String.Input("name", default="person", tooltip="the person's name, shown in reports"),
+                IdentitiesType.Input("identities", optional=True,
+                                     tooltip="chain: identities to keep alongside the new one"),
+            ],
+            outputs=[IdentitiesType.Output(display_name="identities", tooltip="the chained identities and the new one")],
+        )
 
-    RETURN_TYPES = ("DMDNET_IDENTITY",)
-    RETURN_NAMES = ("identities",)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Builds a person's identity dictionary from reference photos (once; save it to reuse)."
-
-    def build(self, model, reference_images, name, identities=None):
-        refs = [(f"reference {i + 1}", p.rgb()) for i, p in enumerate(_pictures(reference_images))]
+    @classmethod
+    def execute(cls, model: ModelHandle, reference_images: torch.Tensor, name: str,
+                identities: list | None = None) -> io.NodeOutput:
+        pictures = _pictures(reference_images, "DMDNet Build Identity")
+        refs = [(f"reference {i + 1}", p.rgb()) for i, p in enumerate(pictures)]
         with _OnDevice(model) as net:
             ident, rejected = Restorer(net, FaceHelper(backend())).build_identity(refs, name=name or None)
         for reason in rejected:
             log.warning("DMDNet Build Identity: %s", reason)
-        return (list(identities or []) + [ident],)
+        return io.NodeOutput(list(identities or []) + [ident])
 
 
 def identity_path(name: str) -> str:
@@ -214,96 +263,125 @@ def identity_path(name: str) -> str:
     return path
 
 
-class DMDNetSaveIdentity:
+class DMDNetSaveIdentity(io.ComfyNode):
     """Saves an identity dictionary under models/dmdnet_identities; the name cannot leave that folder."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"identities": ("DMDNET_IDENTITY",), "name": ("STRING", {"default": "person"})}}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMDNetSaveIdentity", display_name="DMDNet Save Identity Dictionary", category=CATEGORY,
+            description="Saves the (last) identity dictionary to models/dmdnet_identities/NAME.safetensors.",
+            inputs=[
+                IdentitiesType.Input("identities", tooltip="the last of the chain is saved"),
+                io.String.Input("name", default="person", tooltip="file name: letters, digits, space, '_', '-', '.'"),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
 
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Saves the (last) identity dictionary to models/dmdnet_identities/NAME.safetensors."
-
-    def save(self, identities, name):
+    @classmethod
+    def execute(cls, identities: list, name: str) -> io.NodeOutput:
         path = identity_path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         identities[-1].save(path)
-        return {"ui": {"text": [f"saved {os.path.basename(path)} ({identities[-1].n_refs} references)"]}}
+        return io.NodeOutput(ui={"text": [f"saved {os.path.basename(path)} ({identities[-1].n_refs} references)"]})
 
 
-class DMDNetLoadIdentity:
+class DMDNetLoadIdentity(io.ComfyNode):
     """Loads a saved identity dictionary; chain several so each face gets the nearest one."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"identity_name": (folder_paths.get_filename_list(IDENTITY_FOLDER),)},
-                "optional": {"identities": ("DMDNET_IDENTITY", {"tooltip": "chain several identities"})}}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMDNetLoadIdentity", display_name="DMDNet Load Identity Dictionary", category=CATEGORY,
+            description="Loads a saved identity dictionary; chain several, each face gets the nearest one.",
+            inputs=[
+                io.Combo.Input("identity_name", options=folder_paths.get_filename_list(IDENTITY_FOLDER),
+                               tooltip="a dictionary in models/dmdnet_identities"),
+                IdentitiesType.Input("identities", optional=True, tooltip="chain several identities"),
+            ],
+            outputs=[IdentitiesType.Output(display_name="identities", tooltip="the chained identities and this one")],
+        )
 
-    RETURN_TYPES = ("DMDNET_IDENTITY",)
-    RETURN_NAMES = ("identities",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a saved identity dictionary; chain several, each face gets the nearest one."
-
-    def load(self, identity_name, identities=None):
-        return (list(identities or []) + [IdentityDictionary.load(identity_path(identity_name))],)
+    @classmethod
+    def execute(cls, identity_name: str, identities: list | None = None) -> io.NodeOutput:
+        return io.NodeOutput(list(identities or []) + [IdentityDictionary.load(identity_path(identity_name))])
 
 
-class DMDNetRestoreFaces:
+class DMDNetRestoreFaces(io.ComfyNode):
     """Restores every face of an image batch (photos or a clip's frames) and pastes them back."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("DMDNET_MODEL",),
-            "image": ("IMAGE",),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                         "tooltip": "blend of the restored faces over the original"}),
-            "match_threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 2.0, "step": 0.01,
-                                "tooltip": "largest face-embedding distance that counts as the same person"}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64}),
-        }, "optional": {
-            "faces": ("DMDNET_FACES", {"tooltip": "from DMDNet Detect Faces; detected here when absent"}),
-            "identities": ("DMDNET_IDENTITY", {"tooltip": "each face is restored with the nearest identity, if close enough"}),
-            "mode": ([m.value for m in Mode], {"default": Mode.AUTO.value, "tooltip": MODE_HELP}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMDNetRestoreFaces", display_name="DMDNet Restore Faces", category=CATEGORY,
+            description="Restores every face (with its identity for faces that match one) and pastes them back.",
+            inputs=[
+                ModelType.Input("model", tooltip="from DMDNet Model Loader"),
+                io.Image.Input("image", tooltip="photos or a clip's frames"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="blend of the restored faces over the original"),
+                io.Float.Input("match_threshold", default=DEFAULT_THRESHOLD, min=0.0, max=2.0, step=0.01,
+                               tooltip="largest face-embedding distance that counts as the same person"),
+                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="faces per model call"),
+                io.Float.Input("match_margin", default=DEFAULT_MARGIN, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="the nearest identity must be this much nearer than the second-nearest, or "
+                                       "the face stays unmatched (0: the nearest wins)"),
+                FacesType.Input("faces", optional=True, tooltip="from DMDNet Detect Faces; detected here when absent"),
+                IdentitiesType.Input("identities", optional=True,
+                                     tooltip="each face is restored with the nearest identity, if close enough"),
+                io.Combo.Input("mode", options=[m.value for m in Mode], default=Mode.AUTO.value, optional=True,
+                               tooltip=MODE_HELP),
+                io.Boolean.Input("only_identities", default=False, optional=True,
+                                 tooltip="restore only the faces that match one of the identities; every other face "
+                                         "stays exactly as it was (the only-matched mode)"),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="the images with the restored faces pasted back"),
+                io.Image.Output(display_name="restored_faces", tooltip="each restored face, aligned, 512x512"),
+            ],
+        )
 
-    RETURN_TYPES = ("IMAGE", "IMAGE")
-    RETURN_NAMES = ("image", "restored_faces")
-    FUNCTION = "restore"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Restores every face (with its identity for faces that match one) and pastes them back."
-
-    def restore(self, model, image, strength, match_threshold, batch_size, faces=None, identities=None,
-                mode=Mode.AUTO.value):
-        pictures = _pictures(image)
+    @classmethod
+    def execute(cls, model: ModelHandle, image: torch.Tensor, strength: float, match_threshold: float,
+                batch_size: int, match_margin: float = DEFAULT_MARGIN, faces: FacesWire | None = None,
+                identities: list | None = None, mode: str = Mode.AUTO.value,
+                only_identities: bool = False) -> io.NodeOutput:
+        mode = Mode.ONLY_MATCHED.value if only_identities else mode
+        pictures = _pictures(image, "DMDNet Restore Faces")
         with _OnDevice(model) as net:
             restorer = Restorer(net, FaceHelper(backend()), identities or (), threshold=match_threshold,
-                                batch_size=batch_size)
-            results = restorer.run(pictures, mode, strength=strength, progress=_progress(),
-                                   detections=None if faces is None else faces.detections)
-        restored = [f.restored for r in results for f in r.faces if f.restored is not None]
-        if not any(r.faces for r in results):
+                                batch_size=batch_size, margin=match_margin)
+            detections = restorer.helper.find(pictures) if faces is None else list(faces.detections)
+            if len(detections) != len(pictures):
+                raise ValueError(f"DMDNet Restore Faces: the faces input was detected on {len(detections)} images, "
+                                 f"this batch has {len(pictures)}")
+            total, update = sum(len(d.faces) for d in detections), _progress()
+            frames, restored, done = torch.empty_like(image, dtype=torch.float32, device="cpu"), [], 0
+            for start in range(0, len(pictures), FRAMES_PER_RUN):  # a clip's intermediates never all at once
+                part = slice(start, start + FRAMES_PER_RUN)
+                results = restorer.run(pictures[part], mode, strength=strength, detections=detections[part],
+                                       progress=lambda d, _t, base=done: update(base + d, total))
+                done += sum(len(d.faces) for d in detections[part])
+                for i, r in enumerate(results, start):
+                    frames[i] = torch.from_numpy(r.pixels)
+                frames[part].clamp_(0, 1)
+                restored += [f.restored for r in results for f in r.faces if f.restored is not None]
+        if not total:
             log.warning("DMDNet Restore Faces: no face found, the image passes through unchanged")
-        return (torch.stack([torch.from_numpy(r.pixels) for r in results]).clamp(0, 1), _crops_image(restored))
+        return io.NodeOutput(frames, _crops_image(restored))
 
 
-NODE_CLASS_MAPPINGS = {
-    "DMDNetModelLoader": DMDNetModelLoader,
-    "DMDNetDetectFaces": DMDNetDetectFaces,
-    "DMDNetBuildIdentity": DMDNetBuildIdentity,
-    "DMDNetSaveIdentity": DMDNetSaveIdentity,
-    "DMDNetLoadIdentity": DMDNetLoadIdentity,
-    "DMDNetRestoreFaces": DMDNetRestoreFaces,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DMDNetModelLoader": "DMDNet Model Loader",
-    "DMDNetDetectFaces": "DMDNet Detect Faces",
-    "DMDNetBuildIdentity": "DMDNet Build Identity Dictionary",
-    "DMDNetSaveIdentity": "DMDNet Save Identity Dictionary",
-    "DMDNetLoadIdentity": "DMDNet Load Identity Dictionary",
-    "DMDNetRestoreFaces": "DMDNet Restore Faces",
-}
+NODES: list[type[io.ComfyNode]] = [DMDNetModelLoader, DMDNetDetectFaces, DMDNetBuildIdentity, DMDNetSaveIdentity,
+                                   DMDNetLoadIdentity, DMDNetRestoreFaces]
+
+
+class DMDNetExtension(ComfyExtension):
+    """The pack as ComfyUI's V3 loader sees it."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> DMDNetExtension:
+    return DMDNetExtension()

@@ -18,7 +18,8 @@ from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, get_backend
 from .identity import IdentityDictionary, IdentityError
 from .io import ImageError, list_images, read_image, write_image
-from .pipeline import DEFAULT_THRESHOLD, Mode, Restorer, save_faces
+from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
+from .pipeline import Mode, Restorer, save_faces
 from .runtime import PRECISIONS
 from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights, load_model
 
@@ -46,20 +47,26 @@ def _detector_args(p: argparse.ArgumentParser) -> None:
 
 
 def _restorer(args, identities: Sequence[IdentityDictionary] = (), threshold: float = DEFAULT_THRESHOLD,
-              batch_size: int = 4, **helper_options) -> Restorer:
+              batch_size: int = 4, margin: float = DEFAULT_MARGIN, **helper_options) -> Restorer:
     """The model (saying which weights it runs), a face helper on its device, and the Restorer."""
     model = load_model(args.weights, device=args.device, dtype=args.precision)
     tqdm.write(model.weights_source.notice(), file=sys.stderr)
     backend = get_backend(args.detector, args.face_models, device=next(model.parameters()).device.type)
     return Restorer(model, FaceHelper(backend, **helper_options), identities, threshold=threshold,
-                    batch_size=batch_size)
+                    batch_size=batch_size, margin=margin)
 
 
 def cmd_restore(args) -> int:
+    if args.only_identities:
+        if args.mode not in (Mode.AUTO.value, Mode.ONLY_MATCHED.value):
+            raise CliError(f"--only-identities is --mode only-matched; it cannot be combined with --mode {args.mode}")
+        if not args.identity:
+            raise CliError("--only-identities needs at least one --identity (the people to restore)")
+        args.mode = Mode.ONLY_MATCHED.value
     if args.mode == Mode.IDENTITY and len(args.identity) != 1:
         raise CliError("--mode identity needs exactly one --identity")
     identities = [IdentityDictionary.load(p) for p in args.identity]
-    restorer = _restorer(args, identities, args.threshold, args.batch, min_face=args.min_face,
+    restorer = _restorer(args, identities, args.threshold, args.batch, args.margin, min_face=args.min_face,
                          only_largest=args.only_largest)
     out_dir = Path(args.output)
     files = list_images(args.inputs)
@@ -176,8 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=Mode.AUTO.value, choices=[m.value for m in Mode],
                    help="auto: faces matching an --identity use it, others generic; generic: ignore identities; "
                         "identity: every face with the one --identity; only-matched: unmatched faces stay as they are")
+    p.add_argument("--only-identities", action="store_true",
+                   help="restore only the faces that match an --identity; the others stay exactly as they were "
+                        "(the same as --mode only-matched)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"largest embedding distance that matches an identity (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help="the nearest identity must be this much nearer than the second-nearest, or the face stays "
+                        f"unmatched (default {DEFAULT_MARGIN}; 0: nearest wins)")
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 face crops")
     p.add_argument("--batch", type=int, default=4, help="faces per model call (default 4)")
     p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")

@@ -14,9 +14,12 @@ import torch
 
 from .atomic import atomic_path
 from .components import DICT_COMPONENTS, FEATURE_STRIDES
+from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
 
 FORMAT = "dmdnet-identity"
 VERSION = 1
+MAX_HEADER = 1 << 20  # a real header is a few kB: 36 tensor entries and a 128-d mean embedding
+MAX_EMBEDDING = 4096  # the longest face embedding we accept (dlib's is 128-d)
 
 
 class IdentityError(ValueError):
@@ -116,41 +119,52 @@ class IdentityDictionary:
 
     @classmethod
     def load(cls, path: str | Path) -> "IdentityDictionary":
-        from safetensors import safe_open
-
+        """Read a dictionary someone may have shared: every field is checked before it is used."""
         path = Path(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return cls._from_file(path)
         except FileNotFoundError:
             raise IdentityError(f"{path}: no such identity dictionary") from None
-        except Exception as exc:  # safetensors reports corruption with several exception types
-            raise IdentityError(f"{path}: not a readable identity dictionary ({exc})") from None
-        meta = dict(raw)
-        if meta.get("format") != FORMAT:
-            raise IdentityError(f"{path}: not an identity dictionary (format {meta.get('format')!r})")
-        if meta.get("version") != str(VERSION):
-            raise IdentityError(f"{path}: unsupported identity dictionary version {meta.get('version')!r}")
-        if set(tensors) != expected_keys():
-            missing = sorted(expected_keys() - set(tensors))
-            raise IdentityError(f"{path}: identity dictionary tensors are wrong (missing {missing or 'none'})")
-        try:
-            embedding = json.loads(meta["embedding"]) if "embedding" in meta else None
-            ident = cls(
-                {k: v.float() for k, v in tensors.items()},
-                meta["model_fingerprint"],
-                name=meta.get("name"),
-                embedding_mean=None if embedding is None else np.asarray(embedding),
-                n_embedded=int(meta.get("n_embedded", 0)),
-            )
-            n_refs = int(meta["n_refs"])
-        except KeyError as exc:
-            raise IdentityError(f"{path}: identity dictionary metadata lacks {exc}") from None
-        except IdentityError as exc:
+        except IsADirectoryError:
+            raise IdentityError(f"{path}: is a folder, not an identity dictionary") from None
+        except (TensorFileError, IdentityError) as exc:
             raise IdentityError(f"{path}: {exc}") from None
-        except (ValueError, TypeError) as exc:  # json or int parsing
-            raise IdentityError(f"{path}: corrupted metadata ({exc})") from None
+
+    @classmethod
+    def _from_file(cls, path: Path) -> "IdentityDictionary":
+        try:
+            tensors, meta = read_safetensors(path, MAX_HEADER)
+        except TensorFileError as exc:
+            raise IdentityError(f"not a readable identity dictionary ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise IdentityError(f"not an identity dictionary (format {meta.get('format')!r})")
+        if meta.get("version") != str(VERSION):
+            raise IdentityError(f"unsupported identity dictionary version {meta.get('version')!r}")
+        if set(tensors) != expected_keys():
+            missing, extra = sorted(expected_keys() - set(tensors)), sorted(set(tensors) - expected_keys())
+            raise IdentityError(f"identity dictionary tensors are wrong (missing {missing or 'none'}, "
+                                f"unexpected {extra[:3] or 'none'})")
+        check_tensors(tensors)
+        for name, t in tensors.items():
+            if t.dim() != 4 or 0 in t.shape:
+                raise IdentityError(f"tensor {name} has shape {tuple(t.shape)}, expected (atoms, channels, h, w)")
+        missing_meta = [k for k in ("n_refs", "model_fingerprint") if k not in meta]
+        if missing_meta:
+            raise IdentityError(f"identity dictionary metadata lacks {missing_meta}")
+        embedding = None
+        if "embedding" in meta:
+            embedding = np.asarray(json_field(meta, "embedding"), dtype=object)
+            if embedding.ndim != 1 or not 0 < len(embedding) <= MAX_EMBEDDING or not all(
+                isinstance(x, (int, float)) and np.isfinite(x) for x in embedding
+            ):
+                raise IdentityError(f"metadata 'embedding' must be a list of 1 to {MAX_EMBEDDING} finite numbers")
+            embedding = embedding.astype(np.float64)
+        try:
+            n_refs, n_embedded = int(meta["n_refs"]), int(meta.get("n_embedded", 0))
+        except ValueError as exc:
+            raise IdentityError(f"corrupted metadata ({exc})") from None
+        ident = cls({k: v.float() for k, v in tensors.items()}, meta["model_fingerprint"], name=meta.get("name"),
+                    embedding_mean=embedding, n_embedded=max(n_embedded, 0))
         if ident.n_refs != n_refs:
-            raise IdentityError(f"{path}: holds {ident.n_refs} atoms but its metadata says {n_refs}")
+            raise IdentityError(f"holds {ident.n_refs} atoms but its metadata says {n_refs}")
         return ident

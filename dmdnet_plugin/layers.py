@@ -41,13 +41,16 @@ class SNConv2d(nn.Conv2d):
         self.weight_orig = nn.Parameter(weight.detach())
         rows = weight.shape[0]
         cols = weight[0].numel()
-        self.register_buffer("weight_u", F.normalize(torch.randn(rows), dim=0, eps=_SN_EPS))
-        self.register_buffer("weight_v", F.normalize(torch.randn(cols), dim=0, eps=_SN_EPS))
+        u, v = torch.randn(rows), torch.randn(cols)
+        on_meta = weight.device.type == "meta"  # a checkpoint's shape check: no values to normalise
+        self.register_buffer("weight_u", u if on_meta else F.normalize(u, dim=0, eps=_SN_EPS))
+        self.register_buffer("weight_v", v if on_meta else F.normalize(v, dim=0, eps=_SN_EPS))
         self.fold = True
         self._folded: tuple[tuple, torch.Tensor] | None = None
-        with torch.no_grad():
-            for _ in range(20):  # start near the true sigma so a fresh net is well scaled
-                self._power_iteration()
+        if not on_meta:
+            with torch.no_grad():
+                for _ in range(20):  # start near the true sigma so a fresh net is well scaled
+                    self._power_iteration()
 
     def _power_iteration(self) -> None:
         mat = self.weight_orig.reshape(self.weight_orig.shape[0], -1)

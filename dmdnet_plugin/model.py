@@ -30,7 +30,7 @@ from .components import (
     paste_resize,
     sanitize_boxes,
 )
-from .identity import IdentityDictionary, dictionary_key
+from .identity import IdentityDictionary, IdentityError, dictionary_key
 from .layers import (
     LRELU_SLOPE,
     DilateResBlock,
@@ -305,7 +305,7 @@ class DMDNet(nn.Module):
         if tuple(boxes.shape) != (lq.shape[0], 4, 4):
             raise ValueError(f"boxes must be ({lq.shape[0]}, 4, 4), got {tuple(boxes.shape)}")
         if identity is not None:
-            identity.check_fits(self.fingerprint())
+            self.check_identity(identity)
         with self._inference() as device:
             x = lq.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
             atoms = identity.tensors_on(device) if identity is not None else None
@@ -335,6 +335,19 @@ class DMDNet(nn.Module):
                 chunks.append({k: v.float().cpu().contiguous() for k, v in atoms.items()})
         tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
         return IdentityDictionary(tensors, self.fingerprint(), name=name, embeddings=embeddings)
+
+    def check_identity(self, identity: IdentityDictionary) -> None:
+        """Refuse a dictionary this model did not build: by fingerprint, then by atom shape, since a
+        shared file can carry any fingerprint and wrong shapes would fail deep inside a forward pass."""
+        identity.check_fits(self.fingerprint())
+        for scale in SCALES:
+            for comp in DICT_COMPONENTS:
+                for kind in ("key", "value"):
+                    want = tuple(getattr(self, f"{comp}_{scale}_mem_{kind}").shape[1:])
+                    got = tuple(identity.tensors[dictionary_key(comp, scale, kind)].shape[1:])
+                    if got != want:
+                        raise IdentityError(f"identity dictionary {identity.name or ''}: atoms "
+                                            f"{dictionary_key(comp, scale, kind)} are {got}, this model needs {want}")
 
     def fingerprint(self) -> str:
         """Hash of the configuration and the reference encoder: what a dictionary depends on."""

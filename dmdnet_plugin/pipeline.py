@@ -19,11 +19,11 @@ import torch
 from .face_helper import AlignedFace, Detection, FaceHelper
 from .identity import IdentityDictionary
 from .io import ImageError, Picture, read_image, to_uint8, write_image
+from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
 
 # Largest distance between a face's dlib embedding and an identity's mean embedding that still
 # counts as that person; measured on ../shared/faces by benchmarks/measure_identity_threshold.py.
-DEFAULT_THRESHOLD = 0.5
 Progress = Callable[[int, int], None]
 Reference = Union[str, Path, tuple[str, np.ndarray]]  # a file, or (label, float RGB pixels)
 
@@ -43,12 +43,18 @@ class FaceResult:
 
     aligned: AlignedFace
     identity: IdentityDictionary | None  # the dictionary used; None: generic (or left as it was)
-    distance: float | None  # to the nearest identity's mean embedding; None without identities
+    match: Match | None  # the matching decision; None in generic mode
     restored: np.ndarray | None  # like ``aligned.crop``; None when the face was left as it was
+    left_as_is: str | None = None  # why it was not restored (only-matched mode), for reports
 
     @property
     def crop(self) -> np.ndarray:
         return self.aligned.crop
+
+    @property
+    def distance(self) -> float | None:
+        """To the nearest identity's mean embedding; None without identities."""
+        return None if self.match is None else self.match.distance
 
     def record(self) -> dict:
         """The face's entry in a JSON report (box in input-image pixels)."""
@@ -58,8 +64,10 @@ class FaceResult:
             "distance": None if self.distance is None else round(self.distance, 4),
             "boxes_from": self.aligned.boxes_from,
         }
-        if self.restored is None:
-            entry["left_as_is"] = "no identity matched"
+        if self.match is not None:
+            entry.update(self.match.record())
+        if self.left_as_is is not None:
+            entry["left_as_is"] = self.left_as_is
         return entry
 
 
@@ -83,23 +91,11 @@ def tensor_to_crops(t: torch.Tensor) -> list[np.ndarray]:
     return list(arr)
 
 
-def nearest_identity(
-    face: AlignedFace, identities: Sequence[IdentityDictionary]
-) -> tuple[IdentityDictionary | None, float | None]:
-    """The identity whose mean embedding is nearest to the face's, and that distance."""
-    known = [i for i in identities if i.embedding is not None]
-    if face.face.embedding is None or not known:
-        return None, None
-    dists = [float(np.linalg.norm(face.face.embedding - i.embedding)) for i in known]
-    best = int(np.argmin(dists))
-    return known[best], dists[best]
-
-
 class Restorer:
     """Restores every face of a batch of photos with one model, a face helper and identities.
 
-    ``threshold``: the largest embedding distance that counts as the same person.
-    ``batch_size``: faces per model call.
+    ``threshold`` and ``margin``: the matching rule (:mod:`matching`): near enough to a person's
+    mean embedding, and clearly nearer to it than to anyone else. ``batch_size``: faces per model call.
     """
 
     def __init__(
@@ -109,27 +105,30 @@ class Restorer:
         identities: Sequence[IdentityDictionary] = (),
         threshold: float = DEFAULT_THRESHOLD,
         batch_size: int = 4,
+        margin: float = DEFAULT_MARGIN,
     ) -> None:
         self.model = model
         self.helper = helper or FaceHelper()
         self.identities = tuple(identities)
         for ident in self.identities:
-            ident.check_fits(model.fingerprint())
+            model.check_identity(ident)
         self.threshold = threshold
+        self.margin = margin
         self.batch_size = max(1, batch_size)
 
     # ------------------------------------------------------------ identities
     def _decide(
         self, face: AlignedFace, mode: Mode, identities: Sequence[IdentityDictionary]
-    ) -> tuple[IdentityDictionary | None, float | None, bool]:
-        """(identity to restore with, distance, whether to restore the face at all)."""
-        if mode is Mode.GENERIC:
-            return None, None, True
-        nearest, distance = nearest_identity(face, identities)
+    ) -> tuple[IdentityDictionary | None, Match | None, str | None]:
+        """(identity to restore with, the matching decision, why the face is left as it was; None: restore it)."""
+        if mode is Mode.GENERIC or (mode is Mode.AUTO and not identities):  # nothing to decide
+            return None, None, None
+        decision = match(face.face.embedding, identities, self.threshold, self.margin)
         if mode is Mode.IDENTITY:
-            return identities[0], distance, True
-        matched = nearest if distance is not None and distance <= self.threshold else None
-        return matched, distance, mode is Mode.AUTO or matched is not None
+            return identities[0], decision, None
+        if decision.identity is not None or mode is Mode.AUTO:
+            return decision.identity, decision, None
+        return None, decision, f"no identity matched: {decision.reason}"
 
     def build_identity(
         self, references: Sequence[Reference], name: str | None = None, aligned: bool = False
@@ -209,17 +208,17 @@ class Restorer:
             raise ValueError(f"mode 'identity' needs exactly one identity dictionary, got {len(identities)}")
         if identities is not self.identities:
             for ident in identities:
-                ident.check_fits(self.model.fingerprint())
+                self.model.check_identity(ident)
         detections = self.helper.find(pictures, aligned) if detections is None else detections
         if len(detections) != len(pictures):
             raise ValueError(f"{len(detections)} detections for {len(pictures)} pictures")
         decided = [[(f, *self._decide(f, mode, identities)) for f in d.faces] for d in detections]
-        jobs = [(f, ident) for image in decided for f, ident, _, restore in image if restore]
+        jobs = [(f, ident) for image in decided for f, ident, _, why in image if why is None]
         crops = iter(self._restore(jobs, progress))  # in the order of ``jobs``: image by image
         results = []
         for picture, detection, image in zip(pictures, detections, decided):
-            faces = tuple(FaceResult(f, ident, dist, next(crops) if restore else None)
-                          for f, ident, dist, restore in image)
+            faces = tuple(FaceResult(f, ident, decision, next(crops) if why is None else None, why)
+                          for f, ident, decision, why in image)
             pixels, alpha = self.helper.paste(
                 picture, [(r.aligned, r.restored) for r in faces if r.restored is not None], upscale, strength)
             results.append(ImageResult(pixels, alpha, faces, detection.skipped))

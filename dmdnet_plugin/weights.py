@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .model import DMDNet
+from .model import KEY_SCALE, DMDNet
 from .runtime import pick_device, pick_precision, tune_cpu_allocator
+from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
 OFFICIAL_NAME = "DMDNet.pth"
 CHECKPOINT_FORMAT = "dmdnet-checkpoint"
 CHECKPOINT_VERSION = 1
+MAX_HEADER = 8 << 20  # the authors' configuration has about 1,000 tensors: a header of about 150 kB
 # The demo checkpoint that ships inside the package (docs/training_demo.md says how it was made).
 BUNDLED = Path(__file__).resolve().parent / "data" / "dmdnet_demo.safetensors"
 BUNDLED_SHA256 = "4636bd12642e7b13332312766d8d951caa78e9eccc622464246b143c0c140ce4"
@@ -127,17 +129,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-            return state, json.loads(meta["config"]) if "config" in meta else None
+            state, meta = read_safetensors(path, MAX_HEADER)
+            config = json_field(meta, "config") if "config" in meta else None
+            return state, config if isinstance(config, dict) else None
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: weights file not found") from None
-    except Exception as exc:
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    except TensorFileError as exc:
+        raise WeightsError(f"{path}: not a readable checkpoint ({exc})") from None
+    except Exception as exc:  # torch.load: zip, pickle and weights_only refusals each have their own type
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
     config = obj.get("config") if isinstance(obj.get("config"), dict) else None
@@ -145,7 +146,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
         if isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not state:
         raise WeightsError(f"{path}: holds no tensors")
     return state, config
@@ -154,17 +155,32 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 def infer_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
     """The constructor arguments that produce these tensor shapes."""
     try:
-        return {"ngf": state["E_lq.conv1.0.weight_orig"].shape[0], "banks_num": state["le_256_mem_key"].shape[0]}
+        config = {"ngf": state["E_lq.conv1.0.weight_orig"].shape[0], "banks_num": state["le_256_mem_key"].shape[0]}
     except KeyError as exc:
         raise WeightsError(f"not a DMDNet state dict (no {exc})") from None
+    except IndexError:
+        raise WeightsError("not a DMDNet state dict (scalar where a weight should be)") from None
+    if config["ngf"] < KEY_SCALE or config["ngf"] % KEY_SCALE or config["banks_num"] < 1:
+        raise WeightsError(f"not a DMDNet state dict (it implies {config})")
+    return config
 
 
 def build_model(state: dict[str, torch.Tensor], config: dict | None = None, source: str = "state dict") -> DMDNet:
-    """A DMDNet holding ``state``, loaded strictly with a readable report of any mismatch."""
+    """A DMDNet holding ``state``, loaded strictly with a readable report of any mismatch.
+
+    Shapes are checked on a meta-device net first, so a file can never make us allocate a model
+    larger than itself; every tensor must be finite. The stored configuration, when there is one,
+    must agree with the shapes.
+    """
     try:
-        model = DMDNet(**(config or infer_config(state)))
-    except WeightsError as exc:
+        inferred = infer_config(state)
+        if config is not None and config != inferred:
+            raise WeightsError(f"its stored configuration {config} does not match its tensors {inferred}")
+        check_tensors(state)
+    except (WeightsError, TensorFileError) as exc:
         raise WeightsError(f"{source}: {exc}") from None
+    with torch.device("meta"):
+        model = DMDNet(**inferred)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -177,7 +193,8 @@ def build_model(state: dict[str, torch.Tensor], config: dict | None = None, sour
             f"{source}: does not match DMDNet{model.config}: missing {show(missing)}, "
             f"unexpected {show(unexpected)}, wrong shape {show(wrong)}"
         )
-    model.load_state_dict(state, strict=True)
+    # fresh, aligned fp32 copies: views into a loaded file can take slower, differently rounding kernels
+    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, strict=True, assign=True)
     return model
 
 

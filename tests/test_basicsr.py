@@ -82,7 +82,7 @@ def test_bf16_autocast_training_on_cpu(run_name):
     assert all(math.isfinite(float(value)) for _, value in losses)
     proc = train(run_name + "_fp8", "train:autocast=fp8", "train:total_iter=1")
     shutil.rmtree(ROOT / "experiments" / (run_name + "_fp8"), ignore_errors=True)
-    assert proc.returncode != 0 and "train.autocast: got 'fp8', expected bf16 or nothing" in proc.stderr
+    assert proc.returncode != 0 and "error: train.autocast: got 'fp8' (str), expected bf16, or nothing for fp32" in proc.stderr
 
 
 def test_two_process_ddp_on_gloo(run_name):
@@ -180,3 +180,63 @@ def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
     assert value.item() > 0 and out.grad.abs().sum() > 0
     assert loss(gt, gt).item() == 0
     assert not any(p.requires_grad for p in loss.net.parameters())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dataroots": "/data/faces"}, r"datasets.train.dataroots: got '/data/faces' \(str\), expected a list of folders"),
+    ({"num_ref": 2}, r"datasets.train.num_ref: unknown option; did you mean 'num_refs'\?"),
+    ({"dataroots": [{"path": "tests/data/celebref", "layuot": "plain"}]},
+     r"datasets.train.dataroots\[0\].layuot: unknown option; did you mean 'layout'\?"),
+    ({"dataroots": ["/no/such/folder"]}, r"datasets.train.dataroots\[0\]: got '/no/such/folder', expected an existing folder"),
+    ({"jpeg_range": [90, 60]}, r"datasets.train.jpeg_range: got \[90, 60\] \(list\), expected a \[low, high\] pair with 1 <= low <= high <= 100"),
+    ({"num_refs": "2"}, r"datasets.train.num_refs: got '2' \(str\), expected an integer in \[0, 64\]"),
+    ({"kernel_prob": [1.0]}, r"datasets.train.kernel_prob: got 1 probabilities for 2 kernels"),
+])
+def test_dataset_options_say_which_option_is_wrong(change, message):
+    opt = {**yaml.safe_load(TINY.read_text())["datasets"]["train"], "phase": "train", **change}
+    if "dataroots" in change:
+        del opt["dataroot_gt"]
+    from basicsr_arch.option_checks import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        DMDNetFaceDataset(opt)
+
+
+def test_model_options_say_which_option_is_wrong_before_any_work(run_name):
+    from basicsr_arch.dmdnet_model import check_model_options
+    from basicsr_arch.option_checks import OptionError
+
+    opt = yaml.safe_load(TINY.read_text())
+    check_model_options(opt)
+    for path, value, message in [
+        (("train", "optim_g", "lr"), "2e-4", r"train.optim_g.lr: got '2e-4' \(str\), expected a number"),
+        (("train", "ema_decy"), 0.9, r"train.ema_decy: unknown option; did you mean 'ema_decay'\?"),
+        (("network_g", "ngf"), 3, r"network_g.ngf: got 3 \(int\), expected an integer in \[4, 512\]"),
+        (("path", "pretrain_network_g"), "nowhere.pth", r"path.pretrain_network_g: got 'nowhere.pth' .*existing file"),
+    ]:
+        bad = yaml.safe_load(TINY.read_text())
+        section = bad
+        for key in path[:-1]:
+            section = section.setdefault(key, {})
+        section[path[-1]] = value
+        with pytest.raises(OptionError, match=message):
+            check_model_options(bad)
+    # the example, end to end: one line naming the option, no traceback
+    proc = train(run_name, "datasets:train:dataroots=/data/faces")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: datasets.train.dataroots: got '/data/faces'")
+
+
+def test_lr_mult_gives_the_identity_modules_their_own_learning_rate():
+    from basicsr_arch.dmdnet_model import lr_groups
+    from basicsr_arch.option_checks import OptionError
+    from dmdnet_plugin import DMDNet
+
+    net = DMDNet(ngf=8, banks_num=4, trainable_dictionary=True)
+    groups = lr_groups(net, 2e-4, {"E_hq": 5, "_KV": 5, "_Mask": 5})
+    fast = {id(p) for g in groups if g["lr"] == pytest.approx(1e-3) for p in g["params"]}
+    for name, p in net.named_parameters():
+        assert (id(p) in fast) == (name.startswith("E_hq.") or "_KV." in name or "_Mask." in name), name
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    with pytest.raises(OptionError, match=r"train.lr_mult: \['E_hgq'\] match no trainable parameter"):
+        lr_groups(net, 2e-4, {"E_hgq": 5})

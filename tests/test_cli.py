@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -275,8 +276,15 @@ def test_only_matched_mode_leaves_strangers_as_they_were(tmp_path, weights):
                "--mode", "only-matched", "--report", tmp_path / "r.json") == 0
     left, right = sorted(json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"], key=lambda f: f["box"][0])
     assert left["identity"] == "p5" and "left_as_is" not in left
-    assert right["identity"] is None and right["left_as_is"] == "no identity matched"
+    assert right["identity"] is None
+    assert re.fullmatch(r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.5",
+                        right["left_as_is"]), right["left_as_is"]
+    assert left["match_decision"] == "matched" and left["match_margin"] is None  # one identity: no runner-up
     x1, y1, x2, y2 = map(int, right["box"])
     before, after = read_image(photo).pixels, read_image(tmp_path / "out" / photo.name).pixels
     np.testing.assert_array_equal(after[y1:y2, x1 + 40:x2], before[y1:y2, x1 + 40:x2])
+    assert run("restore", photo, "-o", tmp_path / "out3", "--weights", weights, "--identity", ident,
+               "--only-identities") == 0  # the same, as the flag chosen-people users look for
+    np.testing.assert_array_equal(read_image(tmp_path / "out3" / photo.name).pixels, after)
+    assert run("restore", photo, "-o", tmp_path / "out4", "--weights", weights, "--only-identities") == 2
     assert run("restore", photo, "-o", tmp_path / "out2", "--weights", weights, "--mode", "identity") == 2

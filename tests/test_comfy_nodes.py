@@ -4,6 +4,7 @@ The real server is exercised by tests/test_comfy_integration.py when COMFYUI_PAT
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import json
@@ -26,6 +27,7 @@ def comfy(tmp_path_factory):
     """Import the node pack the way ComfyUI does (the repository root is the custom node)."""
     models = tmp_path_factory.mktemp("models")
     os.environ["COMFY_STUB_MODELS"] = str(models)
+    os.environ["COMFY_STUB_INPUT"] = str(tmp_path_factory.mktemp("input"))
     sys.path.insert(0, str(Path(__file__).parent / "comfy_stub"))
     import importlib.util
 
@@ -42,41 +44,53 @@ def comfy(tmp_path_factory):
     sys.path.remove(str(Path(__file__).parent / "comfy_stub"))
 
 
+def node_classes(pack) -> dict:
+    """node_id -> class, as ComfyUI's V3 loader gets them: comfy_entrypoint() -> get_node_list()."""
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {cls.define_schema().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
+def call(nodes: dict, name: str, *args, **kwargs) -> tuple:
+    return nodes[name].execute(*args, **kwargs).args
+
+
 def test_node_contracts(comfy):
     pack, _ = comfy
-    nodes = pack.NODE_CLASS_MAPPINGS
-    assert set(nodes) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(nodes) == 6
+    nodes = node_classes(pack)
+    assert len(nodes) == 6 and not hasattr(pack, "NODE_CLASS_MAPPINGS")  # V3 only
     for name, cls in nodes.items():
-        spec = cls.INPUT_TYPES()
-        declared = list(spec["required"]) + list(spec.get("optional", {}))
-        params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
-        assert params == declared, name
-        assert cls.CATEGORY == "DMDNet" and cls.DESCRIPTION
-        assert isinstance(cls.RETURN_TYPES, tuple)
-        assert pack.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("DMDNet ")
-    assert nodes["DMDNetSaveIdentity"].OUTPUT_NODE
-    listed = nodes["DMDNetModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+        schema = cls.define_schema()
+        params = list(inspect.signature(cls.execute).parameters)
+        assert params == [i.id for i in schema.inputs], name
+        assert schema.category == "DMDNet" and schema.description and schema.display_name.startswith("DMDNet ")
+        for socket in schema.inputs + schema.outputs:
+            assert socket.tooltip, (name, socket.id or socket.display_name)
+        optional = [p for p in inspect.signature(cls.execute).parameters.values() if p.default is not p.empty]
+        assert [p.name for p in optional] == [i.id for i in schema.inputs if i.optional], name
+    assert nodes["DMDNetSaveIdentity"].define_schema().is_output_node
+    listed = nodes["DMDNetModelLoader"].define_schema().inputs[0].options["options"]
     assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors"]  # the bundled demo, where it ships
 
 
-def test_workflow_builder_matches_the_nodes_and_the_files(comfy, tmp_path):
+def test_templates_match_the_nodes_and_the_files(comfy, tmp_path):
     pack, _ = comfy
-    sys.path.insert(0, str(ROOT / "comfy_nodes" / "workflows"))
-    import build_workflows as bw
-
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+    bw = build_workflows()
+    for name, cls in node_classes(pack).items():
         widgets, links, outputs = bw.NODE_SPECS[name]
-        spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
-        is_widget = [n for n in spec if isinstance(spec[n][0], list) or spec[n][0] in ("INT", "FLOAT", "BOOLEAN", "STRING")]
-        assert is_widget == widgets, name
-        assert [(n, spec[n][0]) for n, _ in links] == links, name
-        assert [t for _, t in outputs] == list(cls.RETURN_TYPES), name
-        assert [n for n, _ in outputs] == list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)), name
+        schema = cls.define_schema()
+        assert [i.id for i in schema.inputs if i.is_widget] == widgets, name
+        assert [(i.id, i.io_type) for i in schema.inputs if not i.is_widget] == links, name
+        assert [(o.display_name, o.io_type) for o in schema.outputs] == outputs, name
     bw.main(tmp_path)
+    templates = ROOT / "example_workflows"
     for path in tmp_path.iterdir():
-        assert json.loads(path.read_text()) == json.loads((ROOT / "comfy_nodes" / "workflows" / path.name).read_text())
-    assert len(list(tmp_path.iterdir())) == 6
+        assert json.loads(path.read_text()) == json.loads((templates / path.name).read_text())
+        assert (templates / f"{path.stem}.jpg").is_file(), f"{path.stem} has no thumbnail"
+    assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(bw.WORKFLOWS) and len(bw.WORKFLOWS) == 3
+    for graph in bw.WORKFLOWS.values():
+        used = {w[0] for cls, w, _ in graph.values() if cls == "LoadImage"}
+        assert used <= set(node_module().EXAMPLE_INPUTS)  # runs with the bundled examples only
+        assert all(w[0] == "dmdnet_demo.safetensors" for cls, w, _ in graph.values() if cls == "DMDNetModelLoader")
 
 
 # ----------------------------------------------------------- a small executor for API prompts
@@ -114,9 +128,7 @@ def run_prompt(pack, prompt: dict, inputs: Path, outputs: Path) -> dict:
                     cv2.imwrite(str(outputs / f"{args['filename_prefix']}_{i:05d}_.png"), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
                 results[node_id] = ()
             else:
-                node_cls = pack.NODE_CLASS_MAPPINGS[cls]
-                out = getattr(node_cls(), node_cls.FUNCTION)(**args)
-                results[node_id] = out if isinstance(out, tuple) else ()
+                results[node_id] = node_classes(pack)[cls].execute(**args).args
             del pending[node_id]
     return results
 
@@ -136,7 +148,19 @@ def prepare_inputs(folder: Path) -> None:
 
 
 def workflow(name: str) -> dict:
-    return json.loads((ROOT / "comfy_nodes" / "workflows" / f"{name}_api.json").read_text())
+    """A template in the API format, as the front end would send it to /prompt."""
+    return build_workflows().api_format(build_workflows().WORKFLOWS[name])
+
+
+def build_workflows():
+    sys.path.insert(0, str(ROOT / "comfy_nodes"))
+    import build_workflows as bw
+
+    return bw
+
+
+def node_module():
+    return sys.modules["dmdnet_custom_node.comfy_nodes.nodes_dmdnet"]
 
 
 def test_example_workflows_run(comfy, tmp_path):
@@ -144,51 +168,48 @@ def test_example_workflows_run(comfy, tmp_path):
     import comfy.model_management as mm
     import comfy.utils
 
-    inputs, outputs = tmp_path / "input", tmp_path / "output"
-    prepare_inputs(inputs)
+    inputs, outputs = Path(os.environ["COMFY_STUB_INPUT"]), tmp_path / "output"
     outputs.mkdir()
-    results = run_prompt(pack, workflow("generic_restore"), inputs, outputs)
+    assert sorted(p.name for p in inputs.glob("dmdnet_*.jpg")) == sorted(node_module().EXAMPLE_INPUTS)
+    results = run_prompt(pack, workflow("dmdnet_restore_faces"), inputs, outputs)
     image, faces = results["3"]
     assert image.shape == (1, 640, 437, 3) and faces.shape == (3, 512, 512, 3)
-    assert (outputs / "dmdnet_generic_00000_.png").exists()
+    assert (outputs / "dmdnet_restored_00000_.png").exists()
     assert comfy.utils.updates[-1] == (3, 3)  # progress counted faces
     assert ("soft_empty_cache",) in mm.calls and any(c[0] == "free_memory" for c in mm.calls)
 
-    # identities: "obama" from the example refs, then two people for the group photo
-    prompt = workflow("build_identity")
-    run_prompt(pack, prompt, inputs, outputs)
+    run_prompt(pack, workflow("dmdnet_build_identity"), inputs, outputs)
     assert (models / "dmdnet_identities" / "obama.safetensors").exists()
-    for person, prefix in (("obama", "p1_"), ("person2", "p2_")):
-        for i in (1, 2, 3):
-            prompt[str(i)]["inputs"]["image"] = f"{prefix}{i}.jpg"
-        prompt["7"]["inputs"]["name"] = prompt["8"]["inputs"]["name"] = person
-        run_prompt(pack, prompt, inputs, outputs)
-    results = run_prompt(pack, workflow("group_photo_identities"), inputs, outputs)
-    image, faces = results["6"]
-    assert image.shape == (1, 512, 1024, 3) and faces.shape == (2, 512, 512, 3)
-    detected = results["3"][0].faces
+
+    results = run_prompt(pack, workflow("dmdnet_restore_chosen_people"), inputs, outputs)
+    batch, (image, faces) = results["10"][0], results["11"]
+    assert image.shape == batch.shape and image.shape[0] == 2 and faces.shape == (1, 512, 512, 3)
+    assert (image[0] - batch[0]).abs().mean() > 1 / 255  # the chosen person's face was restored
+    assert torch.equal(image[1], batch[1])  # the family photo has no match: left exactly as it was
+
+    group = _load_image(inputs, "dmdnet_family.jpg")[0]
+    detected, crops, mask = call(node_classes(pack), "DMDNetDetectFaces", group, "hog", 24, 0, False)
+    assert crops.shape == (3, 512, 512, 3) and mask.shape == (1, 640, 437) and mask.max() == 1 and mask[0, 5, 5] == 0
     with pytest.raises(dataclasses.FrozenInstanceError):  # the detector's cached output cannot be changed
-        detected[0].crop = None
-    assert (outputs / "dmdnet_group_00000_.png").exists()
-    mask = results["3"][2]
-    assert mask.shape == (1, 512, 1024) and mask.max() == 1 and mask[0, 5, 5] == 0
+        detected.faces[0].crop = None
 
 
 def test_restore_matches_identities_per_face_and_passes_through_without_faces(comfy, tmp_path):
     pack, _ = comfy
-    nodes = pack.NODE_CLASS_MAPPINGS
+    nodes = node_classes(pack)
     prepare_inputs(tmp_path)
-    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "auto", "auto")[0]
+    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "auto", "auto")[0]
     refs = torch.cat([_load_image(tmp_path, f"p2_{i}.jpg")[0] for i in (1, 2)])
-    identities = nodes["DMDNetBuildIdentity"]().build(model, refs, "person2")[0]
+    identities = call(nodes, "DMDNetBuildIdentity", model, refs, "person2")[0]
     group = _load_image(tmp_path, "group.jpg")[0]
-    faces = nodes["DMDNetDetectFaces"]().detect(group, "hog", 24, 0, False)[0]
-    out, crops = nodes["DMDNetRestoreFaces"]().restore(model, group, 1.0, 0.5, 4, faces, identities)
+    faces = call(nodes, "DMDNetDetectFaces", group, "hog", 24, 0, False)[0]
+    out, crops = call(nodes, "DMDNetRestoreFaces", model, group, 1.0, 0.5, 4, faces=faces,
+                       identities=identities)
     assert crops.shape[0] == 2
     sky = torch.full((1, 300, 400, 3), 0.6)
-    out, crops = nodes["DMDNetRestoreFaces"]().restore(model, sky, 1.0, 0.5, 4)
+    out, crops = call(nodes, "DMDNetRestoreFaces", model, sky, 1.0, 0.5, 4)
     assert torch.equal(out, sky) and crops.shape == (1, 512, 512, 3)
-    weak, _ = nodes["DMDNetRestoreFaces"]().restore(model, group, 0.0, 0.5, 4)
+    weak, _ = call(nodes, "DMDNetRestoreFaces", model, group, 0.0, 0.5, 4)
     assert torch.allclose(weak, group, atol=1 / 255)  # strength 0 keeps the photo
 
 
@@ -197,17 +218,17 @@ def test_interruption_is_checked_between_faces(comfy, tmp_path):
     import comfy.model_management as mm
 
     prepare_inputs(tmp_path)
-    nodes = pack.NODE_CLASS_MAPPINGS
-    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "cpu", "fp32")[0]
+    nodes = node_classes(pack)
+    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "fp32")[0]
     mm.interrupted = True
     with pytest.raises(mm.InterruptProcessingException):
-        nodes["DMDNetRestoreFaces"]().restore(model, _load_image(tmp_path, "family.jpg")[0], 1.0, 0.5, 1)
+        call(nodes, "DMDNetRestoreFaces", model, _load_image(tmp_path, "family.jpg")[0], 1.0, 0.5, 1)
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/etc/passwd", "..", "", ".hidden", "x" * 200, "a\\b"])
 def test_identity_names_cannot_leave_their_folder(comfy, name):
     pack, _ = comfy
-    node = sys.modules["dmdnet_custom_node.comfy_nodes.nodes_dmdnet"]
+    node = node_module()
     with pytest.raises(ValueError, match="invalid identity name"):
         node.identity_path(name)
     assert node.identity_path("Grandma 1950").endswith("dmdnet_identities/Grandma 1950.safetensors")
@@ -221,7 +242,7 @@ def test_cli_gradio_and_comfyui_return_the_same_pixels(comfy, tmp_path):
     from dmdnet_plugin.io import read_image
 
     pack, models = comfy
-    nodes = pack.NODE_CLASS_MAPPINGS
+    nodes = node_classes(pack)
     weights = models / "dmdnet" / "dmdnet.safetensors"
     photo = tmp_path / "obama.png"  # lossless, so that files can be compared to the pixel
     cv2.imwrite(str(photo), cv2.imread(str(ROOT / "examples" / "photos" / "obama_lowres.jpg")))
@@ -239,12 +260,27 @@ def test_cli_gradio_and_comfyui_return_the_same_pixels(comfy, tmp_path):
     gradio_app._SHARED.clear()
     by_gradio = read_image(out[4]).pixels
 
-    model = nodes["DMDNetModelLoader"]().load("dmdnet.safetensors", "cpu", "auto")[0]
-    identities = nodes["DMDNetLoadIdentity"]().load("obama.safetensors")[0]
+    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "auto")[0]
+    identities = call(nodes, "DMDNetLoadIdentity", "obama.safetensors")[0]
     image = _load_image(tmp_path, "obama.png")[0]
-    restored = nodes["DMDNetRestoreFaces"]().restore(model, image, 1.0, 0.5, 4, identities=identities)[0]
+    restored = call(nodes, "DMDNetRestoreFaces", model, image, 1.0, 0.5, 4, identities=identities)[0]
     by_comfy = (restored[0].numpy() * 255).round().astype(np.uint8)
 
     assert np.abs(by_cli.astype(int) - read_image(photo).pixels).mean() > 1  # the face was restored
     np.testing.assert_array_equal(by_gradio, by_cli)
     np.testing.assert_array_equal(by_comfy, by_cli)
+
+
+def test_empty_and_tiny_batches_get_clear_node_errors(comfy):
+    """ComfyUI's own nodes cannot make an empty IMAGE batch, so this case is checked here; the 1x1
+    case also runs on the real server (test_comfy_integration)."""
+    pack, _ = comfy
+    nodes = node_classes(pack)
+    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "fp32")[0]
+    empty, tiny = torch.zeros(0, 64, 64, 3), torch.zeros(1, 1, 1, 3)
+    with pytest.raises(ValueError, match=r"DMDNet Restore Faces: the image batch is empty \(shape \(0, 64, 64, 3\)\)"):
+        call(nodes, "DMDNetRestoreFaces", model, empty, 1.0, 0.5, 4)
+    with pytest.raises(ValueError, match="DMDNet Detect Faces: the image batch is empty"):
+        call(nodes, "DMDNetDetectFaces", empty, "hog", 24, 0, False)
+    with pytest.raises(ValueError, match="DMDNet Build Identity: the images are 1x1 px, too small to hold a face of 24 px"):
+        call(nodes, "DMDNetBuildIdentity", model, tiny, "x")

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,8 +15,10 @@ from parity_inputs import load_parity_inputs
 
 gr = pytest.importorskip("gradio")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import gradio_app  # noqa: E402
+
+from load_gradio import run_load, serve, summary  # noqa: E402
 
 from dmdnet_plugin import IdentityDictionary  # noqa: E402
 from dmdnet_plugin.weights import save_checkpoint  # noqa: E402
@@ -103,34 +102,30 @@ def test_the_page_says_when_it_runs_the_bundled_demo_model(app, monkeypatch, tmp
 
 @pytest.fixture(scope="module")
 def server(weights, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("gradio") / "server.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "gradio_app.py"), "--port", str(port), "--weights", str(weights),
-                             "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-                time.sleep(0.5)
+    with serve(weights, tmp_path_factory.mktemp("gradio") / "server.log") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+
+
+def test_concurrent_clients_get_their_own_results_and_the_server_survives(tmp_path):
+    """benchmarks/load_gradio.py, small: 3 clients x 3 requests (generic, references, a broken
+    file), then 20 at once against a queue of 16, with the bundled demo model."""
+    with serve(None, tmp_path / "server.log") as (url, pid):
+        report = run_load(url, pid, clients=3, requests=3, burst=20, deadline=300)
+        urllib.request.urlopen(url, timeout=10)  # still serving
+    statuses = [o.status for o in report.outcomes]
+    print(summary(report))
+    assert len(statuses) == 29 and statuses.count("refused") == 3 and statuses.count("ok") >= 16
+    assert set(statuses) <= {"ok", "refused", "rejected"}, [o for o in report.outcomes if o.status not in ("ok",)]
+    assert {o.message for o in report.outcomes if o.status == "refused"} == {"broken.png: not a readable image (UnidentifiedImageError)"}
+    assert {o.message for o in report.outcomes if o.status == "rejected"} <= {"Queue is full! Please try again."}
+    assert 0 < report.peak_mb < 4096
 
 
 def test_launched_app_through_gradio_client(server):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    out = client.predict(handle_file(str(PHOTO)), [handle_file(r) for r in REFS[:2]], None, "auto", 1, 1.0, False,
+    out = client.predict(handle_file(str(PHOTO)), [handle_file(r) for r in REFS[:2]], None, "auto", 1, 1.0, False, 0.5, 0.04,
                          api_name="/restore")
     slider, generic, specific, crops, result_file, identity_file, message = out
     assert cv2.imread(result_file).shape == cv2.imread(str(PHOTO)).shape

@@ -48,7 +48,9 @@ def test_modes_decide_each_face(setup):
 
     left, right = _left_right(runs[Mode.ONLY_MATCHED])
     assert left.restored is not None and right.restored is None
-    assert right.record()["left_as_is"] == "no identity matched" and "left_as_is" not in left.record()
+    record = right.record()
+    assert record["left_as_is"].startswith("no identity matched: too far: the nearest is at") and "left_as_is" not in left.record()
+    assert record["match_decision"].startswith("too far") and record["match_distance"] > restorer.threshold
     x1, y1, x2, y2 = right.aligned.face.box.astype(int)
     out = runs[Mode.ONLY_MATCHED].pixels
     np.testing.assert_array_equal(out[y1:y2, x1 + 40:x2], before[y1:y2, x1 + 40:x2])  # untouched, to the bit

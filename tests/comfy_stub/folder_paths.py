@@ -5,6 +5,10 @@ models_dir = os.environ.get("COMFY_STUB_MODELS", os.path.join(os.getcwd(), "mode
 folder_names_and_paths: dict[str, tuple[list[str], set[str]]] = {}
 
 
+def get_input_directory() -> str:
+    return os.environ.get("COMFY_STUB_INPUT", os.path.join(os.path.dirname(models_dir), "input"))
+
+
 def get_folder_paths(name: str) -> list[str]:
     return folder_names_and_paths[name][0]
 

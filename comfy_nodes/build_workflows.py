@@ -1,63 +1,71 @@
-"""Writes the example workflows in both ComfyUI formats from one description.
+"""Writes the pack's ComfyUI templates (example_workflows/) from one description.
 
-    python comfy_nodes/workflows/build_workflows.py
+    python comfy_nodes/build_workflows.py
 
-``<name>.json`` is the UI (LiteGraph) format to drag into ComfyUI; ``<name>_api.json`` is the
-API format to POST to /prompt. Describing each graph once keeps the two from drifting apart.
-The images they load are in examples/ (copy them into ComfyUI/input).
+``example_workflows/<name>.json`` is the UI (LiteGraph) format that ComfyUI's template browser
+lists, beside its ``<name>.jpg`` thumbnail (a screenshot of the real front end, taken by
+tests/test_comfy_integration.py with DMDNET_THUMBNAILS). :func:`api_format` gives the same graph
+in the API format for /prompt, so the two never drift apart. The templates run as they are: the
+model is the bundled demo checkpoint, and the images are the bundled examples, which the pack
+copies into ComfyUI's input folder as ``dmdnet_*.jpg`` (``comfy_nodes.nodes_dmdnet.EXAMPLE_INPUTS``).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+FOLDER = Path(__file__).resolve().parents[1] / "example_workflows"
 # class -> (widget inputs in order, link inputs in order, outputs as (name, type))
 NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]] = {
     "LoadImage": (["image", "upload"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "ImageBatch": ([], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
-    "DMDNetModelLoader": (["model_name", "device", "precision"], [], [("DMDNET_MODEL", "DMDNET_MODEL")]),
+    "DMDNetModelLoader": (["model_name", "device", "precision"], [], [("model", "DMDNET_MODEL")]),
     "DMDNetDetectFaces": (["detector", "min_face_size", "max_faces", "largest_only"], [("image", "IMAGE")],
                           [("faces", "DMDNET_FACES"), ("aligned_crops", "IMAGE"), ("face_mask", "MASK")]),
     "DMDNetBuildIdentity": (["name"], [("model", "DMDNET_MODEL"), ("reference_images", "IMAGE"),
                                        ("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
     "DMDNetSaveIdentity": (["name"], [("identities", "DMDNET_IDENTITY")], []),
     "DMDNetLoadIdentity": (["identity_name"], [("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
-    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size", "mode"],
+    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size", "match_margin", "mode", "only_identities"],
                            [("model", "DMDNET_MODEL"), ("image", "IMAGE"), ("faces", "DMDNET_FACES"),
                             ("identities", "DMDNET_IDENTITY")], [("image", "IMAGE"), ("restored_faces", "IMAGE")]),
 }
-MODEL = "dmdnet.safetensors"
+MODEL = "dmdnet_demo.safetensors"  # bundled, listed in place by the pack
+_REFS = {  # three reference photos of one person, batched
+    1: ("LoadImage", ["dmdnet_obama_ref1.jpg", "image"], {}),
+    2: ("LoadImage", ["dmdnet_obama_ref2.jpg", "image"], {}),
+    3: ("LoadImage", ["dmdnet_obama_ref3.jpg", "image"], {}),
+    4: ("ImageBatch", [], {"image1": (1, 0), "image2": (2, 0)}),
+    5: ("ImageBatch", [], {"image1": (4, 0), "image2": (3, 0)}),
+}
 
 # name -> {node id: (class, widget values, {link input: (source id, output slot)})}
 WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = {
-    "generic_restore": {
-        1: ("LoadImage", ["family.jpg", "image"], {}),
+    "dmdnet_restore_faces": {
+        1: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
-        3: ("DMDNetRestoreFaces", [1.0, 0.5, 4, "auto"], {"model": (2, 0), "image": (1, 0)}),
-        4: ("SaveImage", ["dmdnet_generic"], {"images": (3, 0)}),
-        5: ("SaveImage", ["dmdnet_generic_faces"], {"images": (3, 1)}),
+        3: ("DMDNetRestoreFaces", [1.0, 0.5, 4, 0.04, "auto", False], {"model": (2, 0), "image": (1, 0)}),
+        4: ("SaveImage", ["dmdnet_restored"], {"images": (3, 0)}),
+        5: ("SaveImage", ["dmdnet_restored_faces"], {"images": (3, 1)}),
     },
-    "build_identity": {
-        1: ("LoadImage", ["o1.jpg", "image"], {}),
-        2: ("LoadImage", ["o2.jpg", "image"], {}),
-        3: ("LoadImage", ["o3.jpg", "image"], {}),
-        4: ("ImageBatch", [], {"image1": (1, 0), "image2": (2, 0)}),
-        5: ("ImageBatch", [], {"image1": (4, 0), "image2": (3, 0)}),
+    "dmdnet_build_identity": {
+        **_REFS,
         6: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
         7: ("DMDNetBuildIdentity", ["obama"], {"model": (6, 0), "reference_images": (5, 0)}),
         8: ("DMDNetSaveIdentity", ["obama"], {"identities": (7, 0)}),
     },
-    "group_photo_identities": {
-        1: ("LoadImage", ["group.jpg", "image"], {}),
-        2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
-        3: ("DMDNetDetectFaces", ["auto", 24, 0, False], {"image": (1, 0)}),
-        4: ("DMDNetLoadIdentity", ["obama.safetensors"], {}),
-        5: ("DMDNetLoadIdentity", ["person2.safetensors"], {"identities": (4, 0)}),
-        6: ("DMDNetRestoreFaces", [1.0, 0.5, 4, "auto"], {"model": (2, 0), "image": (1, 0), "faces": (3, 0),
-                                                  "identities": (5, 0)}),
-        7: ("SaveImage", ["dmdnet_group"], {"images": (6, 0)}),
-        8: ("SaveImage", ["dmdnet_group_faces"], {"images": (6, 1)}),
+    # A batch of two photos; only the face that matches the identity is restored, the rest stay as they were.
+    "dmdnet_restore_chosen_people": {
+        **_REFS,
+        6: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
+        7: ("DMDNetBuildIdentity", ["obama"], {"model": (6, 0), "reference_images": (5, 0)}),
+        8: ("LoadImage", ["dmdnet_obama_lowres.jpg", "image"], {}),
+        9: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
+        10: ("ImageBatch", [], {"image1": (8, 0), "image2": (9, 0)}),
+        11: ("DMDNetRestoreFaces", [1.0, 0.5, 4, 0.04, "auto", True], {"model": (6, 0), "image": (10, 0),
+                                                                "identities": (7, 0)}),
+        12: ("SaveImage", ["dmdnet_chosen_people"], {"images": (11, 0)}),
     },
 }
 
@@ -97,10 +105,10 @@ def ui_format(graph: dict) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def main(folder: Path = Path(__file__).parent) -> None:
+def main(folder: Path = FOLDER) -> None:
+    folder.mkdir(exist_ok=True)
     for name, graph in WORKFLOWS.items():
         (folder / f"{name}.json").write_text(json.dumps(ui_format(graph), indent=1) + "\n")
-        (folder / f"{name}_api.json").write_text(json.dumps(api_format(graph), indent=1) + "\n")
 
 
 if __name__ == "__main__":
