@@ -143,8 +143,8 @@ def sweep(cases: list[Case], clean) -> str:
     lines = ["| rule | threshold | margin | wrong (none/moderate/severe) | right (none/moderate/severe) "
              "| strangers matched (none/moderate/severe) |", "|---|---|---|---|---|---|"]
     for use in ("raw", "restored"):
-        for threshold in (0.45, 0.5, 0.55, 0.6):
-            for margin in (0.0, 0.02, 0.04, 0.06, 0.08):
+        for threshold in (0.5, 0.55, 0.6):
+            for margin in (0.0, 0.04, 0.08):
                 got = counts(cases, clean, use, threshold, margin)
                 wrong = "/".join(str(got[lv].count("wrong")) for lv in LEVELS)
                 right = "/".join(f"{100 * got[lv].count('right') / len(got[lv]):.0f}%" for lv in LEVELS)

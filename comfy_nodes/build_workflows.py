@@ -45,7 +45,7 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
     "dmdnet_restore_faces": {
         1: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
-        3: ("DMDNetRestoreFaces", [1.0, 0.5, 4, 0.04, "auto", False], {"model": (2, 0), "image": (1, 0)}),
+        3: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", False], {"model": (2, 0), "image": (1, 0)}),
         4: ("SaveImage", ["dmdnet_restored"], {"images": (3, 0)}),
         5: ("SaveImage", ["dmdnet_restored_faces"], {"images": (3, 1)}),
     },
@@ -63,7 +63,7 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         8: ("LoadImage", ["dmdnet_obama_lowres.jpg", "image"], {}),
         9: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         10: ("ImageBatch", [], {"image1": (8, 0), "image2": (9, 0)}),
-        11: ("DMDNetRestoreFaces", [1.0, 0.5, 4, 0.04, "auto", True], {"model": (6, 0), "image": (10, 0),
+        11: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", True], {"model": (6, 0), "image": (10, 0),
                                                                 "identities": (7, 0)}),
         12: ("SaveImage", ["dmdnet_chosen_people"], {"images": (11, 0)}),
     },

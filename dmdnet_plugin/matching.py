@@ -15,7 +15,7 @@ import numpy as np
 
 from .identity import IdentityDictionary
 
-DEFAULT_THRESHOLD = 0.5  # largest distance to a person's mean embedding that can match
+DEFAULT_THRESHOLD = 0.55  # largest distance to a person's mean embedding that can match
 DEFAULT_MARGIN = 0.04  # the nearest must be at least this much nearer than the second-nearest
 
 

@@ -22,8 +22,6 @@ from .io import ImageError, Picture, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
 
-# Largest distance between a face's dlib embedding and an identity's mean embedding that still
-# counts as that person; measured on ../shared/faces by benchmarks/measure_identity_threshold.py.
 Progress = Callable[[int, int], None]
 Reference = Union[str, Path, tuple[str, np.ndarray]]  # a file, or (label, float RGB pixels)
 

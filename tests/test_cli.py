@@ -277,7 +277,7 @@ def test_only_matched_mode_leaves_strangers_as_they_were(tmp_path, weights):
     left, right = sorted(json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"], key=lambda f: f["box"][0])
     assert left["identity"] == "p5" and "left_as_is" not in left
     assert right["identity"] is None
-    assert re.fullmatch(r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.5",
+    assert re.fullmatch(r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.55",
                         right["left_as_is"]), right["left_as_is"]
     assert left["match_decision"] == "matched" and left["match_margin"] is None  # one identity: no runner-up
     x1, y1, x2, y2 = map(int, right["box"])
