@@ -53,11 +53,17 @@ IdentitiesType = io.Custom("DMDNET_IDENTITY")  # a list of IdentityDictionary, n
 
 
 def register_folders() -> None:
-    """models/dmdnet (plus the bundled demo checkpoint), models/facerestore_models, models/dmdnet_identities."""
+    """models/dmdnet (plus the bundled demo checkpoint), models/facerestore_models, models/dmdnet_identities.
+
+    Through ``folder_paths.add_model_folder_path``, so that folders an ``extra_model_paths.yaml``
+    already added for these names are kept (ComfyUI reads it before it loads custom nodes), and the
+    default folder goes first; then the file extensions are set, which that function leaves empty.
+    """
     for name, exts in ((MODEL_FOLDERS[0], {".pth", ".safetensors"}), (MODEL_FOLDERS[1], {".pth", ".safetensors"}),
                        (IDENTITY_FOLDER, {".safetensors"})):
-        if name not in folder_paths.folder_names_and_paths:
-            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], exts)
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+        paths, known = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(known) | exts)
     if BUNDLED.is_file():  # the demo checkpoint is listed where it ships, never copied
         folder_paths.add_model_folder_path(MODEL_FOLDERS[0], str(BUNDLED.parent))
 

@@ -52,6 +52,9 @@ def server(tmp_path_factory):
     (base / "custom_nodes" / "dmdnet-plugin").symlink_to(ROOT)
     (base / "models" / "dmdnet").mkdir(parents=True)
     save_checkpoint(small_net(), base / "models" / "dmdnet" / "dmdnet.safetensors")
+    (base / "elsewhere").mkdir()  # a folder the user keeps models in, named by extra_model_paths.yaml
+    save_checkpoint(small_net(), base / "elsewhere" / "from_extra_paths.safetensors")
+    (base / "extra_model_paths.yaml").write_text(f"mine:\n  dmdnet: {base / 'elsewhere'}\n")
     prepare_inputs(base / "input")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +62,8 @@ def server(tmp_path_factory):
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
         [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-         "--port", str(port), "--disable-auto-launch", "--base-directory", str(base)],
+         "--port", str(port), "--disable-auto-launch", "--base-directory", str(base),
+         "--extra-model-paths-config", str(base / "extra_model_paths.yaml")],
         cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -110,7 +114,8 @@ def test_v3_nodes_appear_in_object_info_with_tooltips(server):
         assert all(spec[1].get("tooltip") for spec in inputs.values()), name
         assert len(node.get("output_tooltips", [])) == len(node["output"]) and all(node["output_tooltips"]), name
     listed = info["DMDNetModelLoader"]["input"]["required"]["model_name"][1]["options"]
-    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors"]  # the bundled demo, registered in place
+    # the bundled demo, registered in place, and a folder from extra_model_paths.yaml
+    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors", "from_extra_paths.safetensors"]
     log = (base / "server.log").read_text()
     assert not [line for line in log.splitlines() if "dmdnet" in line.lower() and ("FAILED" in line or "Cannot import" in line)]
 

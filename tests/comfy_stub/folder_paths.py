@@ -27,6 +27,10 @@ def get_full_path(name: str, filename: str) -> str | None:
 
 
 def add_model_folder_path(name: str, path: str, is_default: bool = False) -> None:
+    """As ComfyUI's: a new name gets an empty extension set; a default path moves to the front."""
     folders = folder_names_and_paths.setdefault(name, ([], set()))[0]
-    if path not in folders:
+    if path in folders and is_default:
+        folders.remove(path)
+        folders.insert(0, path)
+    elif path not in folders:
         folders.insert(0, path) if is_default else folders.append(path)
