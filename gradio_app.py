@@ -1,4 +1,4 @@
-"""Gradio demo: upload a photo and a few good pictures of the same person, compare the results.
+"""Gradio demo: upload a photo (or a short video) and a few good pictures of the same person.
 
     python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda] [--share]
 
@@ -22,10 +22,12 @@ from dmdnet_plugin.identity import IdentityDictionary, IdentityError
 from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from dmdnet_plugin.pipeline import Mode, Restorer
+from dmdnet_plugin.video import restore_video
 from dmdnet_plugin.weights import WeightsError, load_model
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD = "25mb"
+MAX_VIDEO_FRAMES = 300  # about 10 s at 30 fps: a CPU restores a face in about a second
 MODES = [Mode.AUTO.value, Mode.GENERIC.value, Mode.IDENTITY.value, Mode.ONLY_MATCHED.value]
 
 
@@ -137,46 +139,90 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
             str(out_file), ident_file, message)
 
 
+def restore_clip(video: str | None, ref_paths: list[str] | None, identity_path: str | None, steady: bool,
+                 progress=gr.Progress()):
+    """The restored video (always MP4, which browsers play) and a line per track."""
+    if not video:
+        raise gr.Error("Upload a video first.")
+    ref_paths = list(ref_paths or [])
+    try:
+        model, backend = shared_model()
+        restorer = Restorer(model, FaceHelper(backend))
+        ident, _, notes = _identity(restorer, ref_paths, identity_path)
+        out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(video).stem}.mp4"
+        report = restore_video(restorer, video, out_file, identities=[ident] if ident else [], temporal=steady,
+                               max_frames=MAX_VIDEO_FRAMES,
+                               progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
+    except (WeightsError, ImageError, IdentityError, ValueError) as exc:
+        raise gr.Error(_readable(str(exc), [video, *ref_paths, identity_path or ""])) from None
+    lines = [f"{report['frames']} frames at {report['fps']} fps, {report['faces_restored']} faces restored"]
+    for track in report.get("tracks", []):
+        who = track.get("identity") or "generic"
+        lines.append(f"person {track['track'] + 1}: frames {track['frames'][0]}-{track['frames'][1]}, {who}")
+    lines += notes + [model.weights_source.notice()]
+    return str(out_file), "\n\n".join(lines)
+
+
+def video_tab(example: Path, refs: list[str]) -> None:
+    """Short clips: faces tracked through the frames, one identity per person."""
+    with gr.Row():
+        with gr.Column():
+            video = gr.Video(label=f"Video (at most {MAX_VIDEO_FRAMES} frames)", sources=["upload"])
+            references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
+            identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
+            steady = gr.Checkbox(True, label="Steady faces (track and smooth over time)",
+                                 info="off: every frame restored on its own, as a photo")
+            run = gr.Button("Restore video", variant="primary")
+        with gr.Column():
+            result = gr.Video(label="Restored", interactive=False)
+            status = gr.Markdown()
+    run.click(restore_clip, [video, references, identity, steady], [result, status], api_name="restore_video")
+    gr.Examples([[str(example), refs, None, True]], [video, references, identity, steady])
+
+
 def build_ui() -> gr.Blocks:
     examples = ROOT / "examples"
     refs = sorted(str(p) for p in (examples / "refs" / "obama").glob("*.jpg"))
     with gr.Blocks(title="DMDNet face restoration") as demo:
         gr.Markdown("# DMDNet face restoration\nUpload a photo, and optionally a few good photos of the same person "
                     "(or a saved identity dictionary) to keep that person's own features.")
-        with gr.Row():
-            with gr.Column():
-                photo = photo_input(type="filepath", label="Photo (whole or an aligned face)")
-                references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
-                identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
-                mode = gr.Radio(MODES, value="auto", label="Mode",
-                                info="auto: faces that match the person are restored with their identity, the rest "
-                                     "generically; identity: every face with it; only-matched: the rest stay as they are")
-                with gr.Row():
-                    upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
-                    strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
-                largest = gr.Checkbox(False, label="Largest face only")
-                with gr.Accordion("Identity matching", open=False):
-                    threshold = gr.Slider(0.3, 0.7, value=DEFAULT_THRESHOLD, step=0.01, label="Match threshold",
-                                          info="largest embedding distance that can be the same person")
-                    margin = gr.Slider(0, 0.2, value=DEFAULT_MARGIN, step=0.01, label="Match margin",
-                                       info="the nearest person must be this much nearer than the next, or the face "
-                                            "stays unmatched (generic)")
-                run = gr.Button("Restore", variant="primary")
-            with gr.Column():
-                slider = gr.ImageSlider(label="Before / after")
-                with gr.Row():
-                    generic = gr.Image(label="Generic", interactive=False)
-                    with_identity = gr.Image(label="With the identity", interactive=False)
-                gallery = gr.Gallery(label="Restored faces", columns=4, height=220)
-                with gr.Row():
-                    result_file = gr.File(label="Full-resolution result")
-                    identity_file = gr.File(label="Identity dictionary (reuse it later)")
-                status = gr.Markdown()
-        run.click(restore, [photo, references, identity, mode, upscale, strength, largest, threshold, margin],
-                  [slider, generic, with_identity, gallery, result_file, identity_file, status], api_name="restore")
-        gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
-                     [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],
-                    [photo, references, identity, mode, upscale, strength, largest])
+        with gr.Tab("Photo"):
+            with gr.Row():
+                with gr.Column():
+                    photo = photo_input(type="filepath", label="Photo (whole or an aligned face)")
+                    references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
+                    identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
+                    mode = gr.Radio(MODES, value="auto", label="Mode",
+                                    info="auto: faces that match the person are restored with their identity, the rest "
+                                         "generically; identity: every face with it; only-matched: the rest stay as they are")
+                    with gr.Row():
+                        upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
+                        strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
+                    largest = gr.Checkbox(False, label="Largest face only")
+                    with gr.Accordion("Identity matching", open=False):
+                        threshold = gr.Slider(0.3, 0.7, value=DEFAULT_THRESHOLD, step=0.01, label="Match threshold",
+                                              info="largest embedding distance that can be the same person")
+                        margin = gr.Slider(0, 0.2, value=DEFAULT_MARGIN, step=0.01, label="Match margin",
+                                           info="the nearest person must be this much nearer than the next, or the face "
+                                                "stays unmatched (generic)")
+                    run = gr.Button("Restore", variant="primary")
+                with gr.Column():
+                    slider = gr.ImageSlider(label="Before / after")
+                    with gr.Row():
+                        generic = gr.Image(label="Generic", interactive=False)
+                        with_identity = gr.Image(label="With the identity", interactive=False)
+                    gallery = gr.Gallery(label="Restored faces", columns=4, height=220)
+                    with gr.Row():
+                        result_file = gr.File(label="Full-resolution result")
+                        identity_file = gr.File(label="Identity dictionary (reuse it later)")
+                    status = gr.Markdown()
+            run.click(restore, [photo, references, identity, mode, upscale, strength, largest, threshold, margin],
+                      [slider, generic, with_identity, gallery, result_file, identity_file, status], api_name="restore")
+            gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
+                         [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],
+                        [photo, references, identity, mode, upscale, strength, largest])
+        with gr.Tab("Video"):
+            video_tab(examples / "video" / "obama_jitter.mp4", refs)
     return demo
 
 

@@ -27,9 +27,15 @@ NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, st
                                        ("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
     "DMDNetSaveIdentity": (["name"], [("identities", "DMDNET_IDENTITY")], []),
     "DMDNetLoadIdentity": (["identity_name"], [("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
-    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size", "match_margin", "mode", "only_identities"],
+    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size", "match_margin", "mode", "only_identities",
+                            "temporal", "frame_rate"],
                            [("model", "DMDNET_MODEL"), ("image", "IMAGE"), ("faces", "DMDNET_FACES"),
-                            ("identities", "DMDNET_IDENTITY")], [("image", "IMAGE"), ("restored_faces", "IMAGE")]),
+                            ("identities", "DMDNET_IDENTITY"), ("frame_rate", "FLOAT")],
+                           [("image", "IMAGE"), ("restored_faces", "IMAGE")]),
+    "LoadVideo": (["file", "upload"], [], [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ([], [("video", "VIDEO")], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
+    "CreateVideo": (["fps"], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], [("VIDEO", "VIDEO")]),
+    "SaveVideo": (["filename_prefix", "format", "codec"], [("video", "VIDEO")], []),
 }
 MODEL = "dmdnet_demo.safetensors"  # bundled, listed in place by the pack
 _REFS = {  # three reference photos of one person, batched
@@ -45,7 +51,7 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
     "dmdnet_restore_faces": {
         1: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
-        3: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", False], {"model": (2, 0), "image": (1, 0)}),
+        3: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", False, False, 25.0], {"model": (2, 0), "image": (1, 0)}),
         4: ("SaveImage", ["dmdnet_restored"], {"images": (3, 0)}),
         5: ("SaveImage", ["dmdnet_restored_faces"], {"images": (3, 1)}),
     },
@@ -63,9 +69,22 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         8: ("LoadImage", ["dmdnet_obama_lowres.jpg", "image"], {}),
         9: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         10: ("ImageBatch", [], {"image1": (8, 0), "image2": (9, 0)}),
-        11: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", True], {"model": (6, 0), "image": (10, 0),
-                                                                "identities": (7, 0)}),
+        11: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", True, False, 25.0],
+             {"model": (6, 0), "image": (10, 0), "identities": (7, 0)}),
         12: ("SaveImage", ["dmdnet_chosen_people"], {"images": (11, 0)}),
+    },
+    # A clip through ComfyUI's own video nodes: frames restored as a sequence (tracked, one identity per
+    # person), then put back together with the clip's audio and frame rate.
+    "dmdnet_restore_video": {
+        **_REFS,
+        6: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
+        7: ("DMDNetBuildIdentity", ["obama"], {"model": (6, 0), "reference_images": (5, 0)}),
+        8: ("LoadVideo", ["dmdnet_obama_clip.mp4", "image"], {}),
+        9: ("GetVideoComponents", [], {"video": (8, 0)}),
+        10: ("DMDNetRestoreFaces", [1.0, 0.55, 4, 0.04, "auto", False, True, 25.0],
+             {"model": (6, 0), "image": (9, 0), "identities": (7, 0), "frame_rate": (9, 2)}),
+        11: ("CreateVideo", [25.0], {"images": (10, 0), "audio": (9, 1), "fps": (9, 2)}),
+        12: ("SaveVideo", ["video/dmdnet_restored", "auto", "auto"], {"video": (11, 0)}),
     },
 }
 
@@ -95,7 +114,9 @@ def ui_format(graph: dict) -> dict:
         nodes.append({
             "id": node_id, "type": cls, "pos": [60 + 380 * (order % 4), 60 + 360 * (order // 4)], "size": [340, 300],
             "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": n, "type": t, "link": link_of.get((node_id, i))} for i, (n, t) in enumerate(link_inputs)],
+            "inputs": [{"name": n, "type": t, "link": link_of.get((node_id, i)),
+                        **({"widget": {"name": n}} if n in NODE_SPECS[cls][0] else {})}
+                       for i, (n, t) in enumerate(link_inputs)],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": cls},

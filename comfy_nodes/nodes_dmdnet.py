@@ -31,6 +31,7 @@ from dmdnet_plugin.io import Picture
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from dmdnet_plugin.pipeline import Mode, Restorer
 from dmdnet_plugin.runtime import PRECISIONS, pick_precision
+from dmdnet_plugin.tracking import CropSmoother, track_frames
 from dmdnet_plugin.weights import BUNDLED, load_model
 
 MODEL_FOLDERS = ("dmdnet", "facerestore_models")
@@ -44,6 +45,7 @@ EXAMPLE_INPUTS = {  # name in ComfyUI's input folder -> bundled example; the tem
     "dmdnet_family.jpg": "photos/family.jpg",
     "dmdnet_obama_lowres.jpg": "photos/obama_lowres.jpg",
     **{f"dmdnet_obama_ref{i}.jpg": f"refs/obama/o{i}.jpg" for i in (1, 2, 3)},
+    "dmdnet_obama_clip.mp4": "video/obama_jitter.mp4",
 }
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 log = logging.getLogger("dmdnet")
@@ -341,6 +343,11 @@ class DMDNetRestoreFaces(io.ComfyNode):
                 io.Boolean.Input("only_identities", default=False, optional=True,
                                  tooltip="restore only the faces that match one of the identities; every other face "
                                          "stays exactly as it was (the only-matched mode)"),
+                io.Boolean.Input("temporal", default=False, optional=True,
+                                 tooltip="the batch is a clip's frames, in order: track each face, align it steadily, "
+                                         "smooth it over time and give it one identity for the whole clip"),
+                io.Float.Input("frame_rate", default=25.0, min=1.0, max=240.0, step=1.0, optional=True,
+                               tooltip="the clip's frames per second (with temporal; wire Get Video Components' fps)"),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="the images with the restored faces pasted back"),
@@ -351,14 +358,21 @@ class DMDNetRestoreFaces(io.ComfyNode):
     @classmethod
     def execute(cls, model: ModelHandle, image: torch.Tensor, strength: float, match_threshold: float,
                 batch_size: int, match_margin: float = DEFAULT_MARGIN, faces: FacesWire | None = None,
-                identities: list | None = None, mode: str = Mode.AUTO.value,
-                only_identities: bool = False) -> io.NodeOutput:
+                identities: list | None = None, mode: str = Mode.AUTO.value, only_identities: bool = False,
+                temporal: bool = False, frame_rate: float = 25.0) -> io.NodeOutput:
         mode = Mode.ONLY_MATCHED.value if only_identities else mode
         pictures = _pictures(image, "DMDNet Restore Faces")
+        if temporal and faces is not None:
+            raise ValueError("DMDNet Restore Faces: with temporal on, faces are tracked here; disconnect the faces input")
         with _OnDevice(model) as net:
             restorer = Restorer(net, FaceHelper(backend()), identities or (), threshold=match_threshold,
                                 batch_size=batch_size, margin=match_margin)
-            detections = restorer.helper.find(pictures) if faces is None else list(faces.detections)
+            smoother = CropSmoother() if temporal else None
+            if temporal:
+                detections = track_frames((p.rgb() for p in pictures), restorer.helper, frame_rate).detections(
+                    restorer.helper, pictures)
+            else:
+                detections = restorer.helper.find(pictures) if faces is None else list(faces.detections)
             if len(detections) != len(pictures):
                 raise ValueError(f"DMDNet Restore Faces: the faces input was detected on {len(detections)} images, "
                                  f"this batch has {len(pictures)}")
@@ -367,7 +381,7 @@ class DMDNetRestoreFaces(io.ComfyNode):
             for start in range(0, len(pictures), FRAMES_PER_RUN):  # a clip's intermediates never all at once
                 part = slice(start, start + FRAMES_PER_RUN)
                 results = restorer.run(pictures[part], mode, strength=strength, detections=detections[part],
-                                       progress=lambda d, _t, base=done: update(base + d, total))
+                                       progress=lambda d, _t, base=done: update(base + d, total), smoother=smoother)
                 done += sum(len(d.faces) for d in detections[part])
                 for i, r in enumerate(results, start):
                     frames[i] = torch.from_numpy(r.pixels)

@@ -17,10 +17,11 @@ from .atomic import atomic_path
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, get_backend
 from .identity import IdentityDictionary, IdentityError
-from .io import ImageError, list_images, read_image, write_image
+from .io import IMAGE_EXTENSIONS, ImageError, list_images, read_image, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import Mode, Restorer, save_faces
 from .runtime import PRECISIONS
+from .video import VIDEO_EXTENSIONS, VideoError, is_video, restore_video
 from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights, load_model
 
 
@@ -69,24 +70,17 @@ def cmd_restore(args) -> int:
     restorer = _restorer(args, identities, args.threshold, args.batch, args.margin, min_face=args.min_face,
                          only_largest=args.only_largest)
     out_dir = Path(args.output)
-    files = list_images(args.inputs)
+    files = list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
     if not files:
-        raise CliError("no input images found")
+        raise CliError("no input images or videos found")
     report, failed = [], 0
     for src in tqdm(files, desc="restoring", unit="photo", disable=len(files) < 2 or not sys.stderr.isatty()):
         dst = out_dir / src.name
-        entry = {"input": str(src), "output": None, "status": "error", "error": None, "faces": []}
+        entry = {"input": str(src), "output": None, "status": "error", "error": None}
         try:
             if dst.resolve() == src.resolve():
                 raise ImageError(f"{src}: output would overwrite the input; choose another -o folder")
-            result = restorer.run([read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale)[0]
-            write_image(dst, result.pixels, result.alpha)
-            if args.save_faces:
-                save_faces(result, out_dir, src.stem)
-            entry.update(output=str(dst), status="ok" if result.faces else "no_face",
-                         faces=[f.record() for f in result.faces])
-            if result.skipped:
-                entry["skipped_faces"] = list(result.skipped)
+            entry.update((_restore_video if is_video(src) else _restore_photo)(restorer, src, dst, args))
         except (ImageError, IdentityError, OSError) as exc:
             entry["error"] = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
         except Exception as exc:  # one bad photo must not stop the batch
@@ -103,6 +97,34 @@ def cmd_restore(args) -> int:
     print(f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {out_dir}",
           file=sys.stderr)
     return 1 if failed else 0
+
+
+def _restore_photo(restorer: Restorer, src: Path, dst: Path, args) -> dict:
+    """One photo; its report fields."""
+    result = restorer.run([read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale)[0]
+    write_image(dst, result.pixels, result.alpha)
+    if args.save_faces:
+        save_faces(result, dst.parent, src.stem)
+    entry = {"output": str(dst), "status": "ok" if result.faces else "no_face",
+             "faces": [f.record() for f in result.faces]}
+    if result.skipped:
+        entry["skipped_faces"] = list(result.skipped)
+    return entry
+
+
+def _restore_video(restorer: Restorer, src: Path, dst: Path, args) -> dict:
+    """One video, with a progress bar over its frames (tracking, then restoring); its report fields."""
+    if args.upscale != 1.0 or args.aligned:
+        raise VideoError(f"{src}: --upscale and --aligned are for photos; a video keeps its size")
+    with tqdm(desc=src.name, unit="frame", disable=not sys.stderr.isatty()) as bar:
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.set_description(f"{src.name}: {stage}")
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        entry = restore_video(restorer, src, dst, args.mode, temporal=not args.per_frame, progress=progress)
+    return {"output": str(dst), "status": "ok" if entry["faces_restored"] else "no_face", **entry}
 
 
 def cmd_identity_build(args) -> int:
@@ -175,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmdnet", description="DMDNet blind face restoration with identity dictionaries")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("restore", help="restore every face of photos")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p = sub.add_parser("restore", help="restore every face of photos and videos")
+    p.add_argument("inputs", nargs="+", help="image or video files, or folders")
     p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR/<name of input>)")
     _model_args(p)
     p.add_argument("--identity", action="append", default=[], metavar="FILE", help="identity dictionary (repeatable)")
@@ -196,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")
     p.add_argument("--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)")
     p.add_argument("--only-largest", action="store_true", help="restore only the largest face of each photo")
-    p.add_argument("--save-faces", action="store_true", help="also write cropped_faces/ and restored_faces/")
+    p.add_argument("--save-faces", action="store_true", help="also write cropped_faces/ and restored_faces/ (photos)")
+    p.add_argument("--per-frame", action="store_true",
+                   help="videos: restore each frame on its own, as a photo (default: faces are tracked, steadily "
+                        "aligned and smoothed over time, one identity per track)")
     p.add_argument("--report", help="write a JSON report to this file")
     p.set_defaults(func=cmd_restore)
 

@@ -1,7 +1,7 @@
 """``make demo``: restore the bundled example photos, generic and with a bundled identity.
 
-Writes demo_output/<photo>_before_after.png (input | generic | with the identity) and the
-identity dictionary built from examples/refs/obama.
+Writes demo_output/<photo>_before_after.png (input | generic | with the identity), the
+identity dictionary built from examples/refs/obama, and the example clip restored tracked.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from .io import list_images, read_image, write_image
 from .pipeline import Restorer
+from .video import restore_video
 from .weights import WeightsError, load_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -46,6 +47,11 @@ def main(out_dir: str = "demo_output") -> int:
             panels.append(_labelled(result.pixels, label + (f" ({', '.join(names)})" if names else "")))
         write_image(out / f"{path.stem}_before_after.png", np.hstack(panels))
         print(f"{out / (path.stem + '_before_after.png')}: {len(result.faces)} face(s)", file=sys.stderr)
+    for clip in sorted((EXAMPLES / "video").glob("*.mp4")):
+        report = restore_video(restorer, clip, out / clip.name, identities=[identity])
+        people = ", ".join(f"track {t['track']}: frames {t['frames'][0]}-{t['frames'][1]}, {t['identity'] or 'generic'}"
+                           for t in report["tracks"])
+        print(f"{out / clip.name}: {report['frames']} frames ({people})", file=sys.stderr)
     return 0
 
 

@@ -30,6 +30,7 @@ class AlignedFace:
     boxes: np.ndarray  # (4, 4) component boxes in the crop
     boxes_from: str  # "landmarks" or "template"
     source_index: int = 0  # which image of a batch the face is in
+    track: int | None = None  # which track of a clip (:mod:`tracking`); None for photos
 
 
 @dataclass(frozen=True)

@@ -174,12 +174,12 @@ def write_image(path: str | Path, pixels: np.ndarray, alpha: np.ndarray | None =
     return path
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Files given directly, plus image files found (sorted, recursively) in given folders."""
+def list_images(inputs: list[str | Path], extensions: set[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Files given directly, plus the files with these extensions found (sorted, recursively) in given folders."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
         else:
             found.append(item)
     return found

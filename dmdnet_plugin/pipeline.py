@@ -21,6 +21,7 @@ from .identity import IdentityDictionary
 from .io import ImageError, Picture, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
+from .tracking import CropSmoother
 
 Progress = Callable[[int, int], None]
 Reference = Union[str, Path, tuple[str, np.ndarray]]  # a file, or (label, float RGB pixels)
@@ -62,6 +63,8 @@ class FaceResult:
             "distance": None if self.distance is None else round(self.distance, 4),
             "boxes_from": self.aligned.boxes_from,
         }
+        if self.aligned.track is not None:
+            entry["track"] = self.aligned.track
         if self.match is not None:
             entry.update(self.match.record())
         if self.left_as_is is not None:
@@ -193,12 +196,14 @@ class Restorer:
         aligned: bool = False,
         detections: Sequence[Detection] | None = None,
         progress: Progress | None = None,
+        smoother: CropSmoother | None = None,
     ) -> list[ImageResult]:
         """Restore the faces of every picture (photos, or a clip's frames); one result per picture.
 
         ``identities`` replaces the Restorer's own for this run (``Mode.IDENTITY`` takes exactly
         one). ``strength`` blends the restored faces over the originals. ``detections`` (one per
-        picture, e.g. from :meth:`FaceHelper.find`) skips face detection.
+        picture, e.g. from :meth:`FaceHelper.find`) skips face detection. ``smoother``: a clip's
+        frames, run in order with tracked detections (:mod:`tracking`), get steady restored faces.
         """
         mode = Mode(mode)
         identities = self.identities if identities is None else tuple(identities)
@@ -212,7 +217,10 @@ class Restorer:
             raise ValueError(f"{len(detections)} detections for {len(pictures)} pictures")
         decided = [[(f, *self._decide(f, mode, identities)) for f in d.faces] for d in detections]
         jobs = [(f, ident) for image in decided for f, ident, _, why in image if why is None]
-        crops = iter(self._restore(jobs, progress))  # in the order of ``jobs``: image by image
+        crops = self._restore(jobs, progress)  # in the order of ``jobs``: image by image, so frame by frame
+        if smoother is not None:
+            crops = [crop if f.track is None else smoother(f.track, crop) for (f, _), crop in zip(jobs, crops)]
+        crops = iter(crops)
         results = []
         for picture, detection, image in zip(pictures, detections, decided):
             faces = tuple(FaceResult(f, ident, decision, next(crops) if why is None else None, why)

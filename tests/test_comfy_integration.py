@@ -123,7 +123,8 @@ def test_v3_nodes_appear_in_object_info_with_tooltips(server):
 def test_templates_are_served_and_run_with_the_bundled_model_and_images(server):
     url, base = server
     listed = _get(url + "/workflow_templates")["dmdnet-plugin"]
-    assert sorted(listed) == ["dmdnet_build_identity", "dmdnet_restore_chosen_people", "dmdnet_restore_faces"]
+    assert sorted(listed) == ["dmdnet_build_identity", "dmdnet_restore_chosen_people", "dmdnet_restore_faces",
+                              "dmdnet_restore_video"]
     for name in listed:
         with urllib.request.urlopen(f"{url}/api/workflow_templates/dmdnet-plugin/{name}.jpg", timeout=30) as r:
             assert r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 1000
@@ -136,6 +137,13 @@ def test_templates_are_served_and_run_with_the_bundled_model_and_images(server):
     assert result["status"]["status_str"] == "success", result["status"]
     saved = result["outputs"]["12"]["images"]
     assert len(saved) == 2 and all((base / "output" / s["subfolder"] / s["filename"]).exists() for s in saved)
+    result = queue(url, workflow("dmdnet_restore_video"))  # ComfyUI's own video nodes around a temporal restore
+    assert result["status"]["status_str"] == "success", result["status"]
+    import av
+
+    (saved,) = result["outputs"]["12"]["images"]
+    with av.open(str(base / "output" / saved["subfolder"] / saved["filename"])) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 24 and video.streams.audio
 
 
 def test_registry_metadata_passes_comfyuis_own_parser():
@@ -165,7 +173,7 @@ def test_front_end_lists_the_templates_and_renders_the_v3_nodes(server):
     import cv2
 
     errors: list[str] = []
-    names = ["dmdnet_restore_faces", "dmdnet_build_identity", "dmdnet_restore_chosen_people"]
+    names = ["dmdnet_restore_faces", "dmdnet_build_identity", "dmdnet_restore_chosen_people", "dmdnet_restore_video"]
     loaded = {}
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
@@ -194,7 +202,8 @@ def test_front_end_lists_the_templates_and_renders_the_v3_nodes(server):
         assert all(known for _, _, known in loaded[name]), name
         assert sorted(t for t, _, _ in loaded[name]) == sorted(n["class_type"] for n in workflow(name).values())
     widgets = {t: w for t, w, _ in loaded["dmdnet_restore_chosen_people"]}
-    assert widgets["DMDNetRestoreFaces"] == ["strength", "match_threshold", "batch_size", "mode", "only_identities"]
+    assert widgets["DMDNetRestoreFaces"] == ["strength", "match_threshold", "batch_size", "match_margin", "mode",
+                                             "only_identities", "temporal", "frame_rate"]
     assert widgets["DMDNetBuildIdentity"] == ["name"]
     if os.environ.get("DMDNET_THUMBNAILS"):
         for name in names:

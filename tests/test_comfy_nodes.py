@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -79,16 +80,17 @@ def test_templates_match_the_nodes_and_the_files(comfy, tmp_path):
         widgets, links, outputs = bw.NODE_SPECS[name]
         schema = cls.define_schema()
         assert [i.id for i in schema.inputs if i.is_widget] == widgets, name
-        assert [(i.id, i.io_type) for i in schema.inputs if not i.is_widget] == links, name
+        # a widget that a template wires (frame_rate) is listed among the links as well
+        assert [(i.id, i.io_type) for i in schema.inputs if not i.is_widget] == [l for l in links if l[0] not in widgets]
         assert [(o.display_name, o.io_type) for o in schema.outputs] == outputs, name
     bw.main(tmp_path)
     templates = ROOT / "example_workflows"
     for path in tmp_path.iterdir():
         assert json.loads(path.read_text()) == json.loads((templates / path.name).read_text())
         assert (templates / f"{path.stem}.jpg").is_file(), f"{path.stem} has no thumbnail"
-    assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(bw.WORKFLOWS) and len(bw.WORKFLOWS) == 3
+    assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(bw.WORKFLOWS) and len(bw.WORKFLOWS) == 4
     for graph in bw.WORKFLOWS.values():
-        used = {w[0] for cls, w, _ in graph.values() if cls == "LoadImage"}
+        used = {w[0] for cls, w, _ in graph.values() if cls in ("LoadImage", "LoadVideo")}
         assert used <= set(node_module().EXAMPLE_INPUTS)  # runs with the bundled examples only
         assert all(w[0] == "dmdnet_demo.safetensors" for cls, w, _ in graph.values() if cls == "DMDNetModelLoader")
 
@@ -122,6 +124,15 @@ def run_prompt(pack, prompt: dict, inputs: Path, outputs: Path) -> dict:
                 results[node_id] = _load_image(inputs, args["image"])
             elif cls == "ImageBatch":
                 results[node_id] = _image_batch(**args)
+            elif cls == "LoadVideo":  # ComfyUI's video nodes, as far as the template uses them
+                results[node_id] = (inputs / args["file"],)
+            elif cls == "GetVideoComponents":
+                with av.open(str(args["video"])) as container:
+                    stream = container.streams.video[0]
+                    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+                    results[node_id] = (torch.from_numpy(frames).float() / 255, None, float(stream.average_rate))
+            elif cls in ("CreateVideo", "SaveVideo"):
+                results[node_id] = (args,)
             elif cls == "SaveImage":
                 for i, img in enumerate(args["images"]):
                     out = (img.numpy() * 255).round().astype(np.uint8)
@@ -170,7 +181,7 @@ def test_example_workflows_run(comfy, tmp_path):
 
     inputs, outputs = Path(os.environ["COMFY_STUB_INPUT"]), tmp_path / "output"
     outputs.mkdir()
-    assert sorted(p.name for p in inputs.glob("dmdnet_*.jpg")) == sorted(node_module().EXAMPLE_INPUTS)
+    assert sorted(p.name for p in inputs.glob("dmdnet_*")) == sorted(node_module().EXAMPLE_INPUTS)
     results = run_prompt(pack, workflow("dmdnet_restore_faces"), inputs, outputs)
     image, faces = results["3"]
     assert image.shape == (1, 640, 437, 3) and faces.shape == (3, 512, 512, 3)
@@ -186,6 +197,12 @@ def test_example_workflows_run(comfy, tmp_path):
     assert image.shape == batch.shape and image.shape[0] == 2 and faces.shape == (1, 512, 512, 3)
     assert (image[0] - batch[0]).abs().mean() > 1 / 255  # the chosen person's face was restored
     assert torch.equal(image[1], batch[1])  # the family photo has no match: left exactly as it was
+
+    results = run_prompt(pack, workflow("dmdnet_restore_video"), inputs, outputs)
+    clip, (frames, faces), video = results["9"][0], results["10"], results["11"][0]
+    assert frames.shape == clip.shape == (24, 232, 386, 3) and faces.shape == (24, 512, 512, 3)
+    assert video["images"] is frames and video["fps"] == 25.0
+    assert (frames - clip).abs().mean() > 1 / 255
 
     group = _load_image(inputs, "dmdnet_family.jpg")[0]
     detected, crops, mask = call(node_classes(pack), "DMDNetDetectFaces", group, "hog", 24, 0, False)

@@ -57,3 +57,5 @@ def test_make_demo_restores_the_examples_offline(tmp_path, monkeypatch, capsys):
         if path.name.startswith("obama"):  # the one person with references: the identity changes the face
             assert (cv2.absdiff(generic, with_identity).max(axis=2) > 4).mean() > 0.001
     assert (tmp_path / "out" / "obama.safetensors").is_file()
+    assert "obama_jitter.mp4: 24 frames (track 0: frames 0-23, obama)" in err  # the clip: one person, one identity
+    assert (tmp_path / "out" / "obama_jitter.mp4").stat().st_size > 10000

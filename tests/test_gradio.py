@@ -133,6 +133,32 @@ def test_launched_app_through_gradio_client(server):
     assert "with the identity dictionary" in message
 
 
+def short_clip(path: Path, frames: int) -> Path:
+    from video_stability import make_clip, write_clip
+
+    write_clip(make_clip(cv2.cvtColor(cv2.imread(str(PHOTO)), cv2.COLOR_BGR2RGB), frames, damage=lambda f: f)[0], path)
+    return path
+
+
+def test_video_through_gradio_client_and_its_length_limit(server, app, tmp_path, monkeypatch):
+    import av
+    from gradio_client import Client, handle_file
+
+    clip = short_clip(tmp_path / "clip.mp4", 4)
+    client = Client(server, verbose=False)
+    video, message = client.predict(handle_file(str(clip)), [handle_file(r) for r in REFS[:2]], None, True,
+                                    api_name="/restore_video")
+    with av.open(video["video"] if isinstance(video, dict) else video) as out:
+        assert sum(1 for _ in out.decode(video=0)) == 4 and out.streams.audio
+    assert "4 frames at 25.0 fps, 4 faces restored" in message and "person 1: frames 0-3, person" in message
+    monkeypatch.setattr(app, "MAX_VIDEO_FRAMES", 3)
+    with pytest.raises(gr.Error, match="clip.mp4: 4 frames, more than the limit of 3"):
+        app.restore_clip(str(clip), None, None, True, progress=lambda *a, **k: None)
+    (tmp_path / "text.mp4").write_text("not a video")
+    with pytest.raises(gr.Error, match="text.mp4: not a readable video"):
+        app.restore_clip(str(tmp_path / "text.mp4"), None, None, True, progress=lambda *a, **k: None)
+
+
 def test_browser_uploads_and_restores(server, tmp_path):
     chromium = shutil.which("chromium")
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -146,7 +172,7 @@ def test_browser_uploads_and_restores(server, tmp_path):
         page.goto(server)
         page.locator("input[type=file]").first.set_input_files(str(PHOTO))
         page.wait_for_timeout(1000)
-        page.get_by_role("button", name="Restore").click()
+        page.get_by_role("button", name="Restore", exact=True).click()
         page.get_by_text("face(s) restored").wait_for(timeout=120000)
         shot = tmp_path / "gradio.png"
         page.screenshot(path=str(shot), full_page=True)
