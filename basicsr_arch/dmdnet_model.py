@@ -26,6 +26,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from dmdnet_plugin.atomic import atomic_path
+from dmdnet_plugin.weights import read_state_dict
 from dmdnet_plugin.components import COMPONENT_INDEX, PART_SIZES, crop_resize, sanitize_boxes
 
 from .option_checks import (
@@ -145,9 +146,15 @@ class DMDNetModel(BaseModel):
 
     def _load_pretrained(self, net: torch.nn.Module, label: str, param_key: str) -> None:
         path = self.opt["path"].get(f"pretrain_network_{label}")
-        if path is not None:
-            key = self.opt["path"].get(f"param_key_{label}", param_key)
-            self.load_network(net, path, self.opt["path"].get(f"strict_load_{label}", True), key)
+        if path is None:
+            return
+        strict = self.opt["path"].get(f"strict_load_{label}", True)
+        if str(path).endswith(".safetensors"):  # BasicSR reads only .pth; this lets a run start from the bundled file
+            state, _ = read_state_dict(path)
+            get_root_logger().info(f"Loading {type(self.get_bare_model(net)).__name__} weights from {path}.")
+            self.get_bare_model(net).load_state_dict({k: v.float() for k, v in state.items()}, strict=strict)
+            return
+        self.load_network(net, path, strict, self.opt["path"].get(f"param_key_{label}", param_key))
 
     def init_training_settings(self) -> None:
         train_opt = self.opt["train"]

@@ -49,14 +49,19 @@ def jitter(count: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]
     return out
 
 
-def degrade(rgb8: np.ndarray) -> np.ndarray:
-    """The same damage on every frame: blur, 2x down and up, noise of a fixed seed, JPEG 60."""
+def degrade(rgb8: np.ndarray, blur: float = 1.5, down: int = 2, noise: float = 6, quality: int = 60) -> np.ndarray:
+    """The same damage on every frame: blur, downsampling and back, noise of a fixed seed, JPEG."""
     h, w = rgb8.shape[:2]
-    img = cv2.GaussianBlur(rgb8.astype(np.float32), (0, 0), 1.5)
-    img = cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-    img += np.random.default_rng(7).normal(0, 6, img.shape).astype(np.float32)
-    ok, buf = cv2.imencode(".jpg", np.clip(img, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    img = cv2.GaussianBlur(rgb8.astype(np.float32), (0, 0), blur)
+    img = cv2.resize(img, (w // down, h // down), interpolation=cv2.INTER_AREA)
+    img += np.random.default_rng(7).normal(0, noise, img.shape).astype(np.float32)
+    ok, buf = cv2.imencode(".jpg", np.clip(img, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
     return cv2.resize(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def heavy(rgb8: np.ndarray) -> np.ndarray:
+    """Damage under which the per-frame identity decision wavers: blur 3, 4x down, noise 8, JPEG 50."""
+    return degrade(rgb8, 3.0, 4, 8, 50)
 
 
 def make_clip(still8: np.ndarray, count: int, seed: int = 0,
@@ -126,6 +131,7 @@ class Clip:
     still: Path
     width: int  # the still is resized to this width
     references: list[Path]
+    damage: Callable[[np.ndarray], np.ndarray] = degrade
 
 
 def measure(restorer: Restorer, clip: Clip, count: int) -> dict:
@@ -133,12 +139,12 @@ def measure(restorer: Restorer, clip: Clip, count: int) -> dict:
     h, w = still.shape[:2]
     still = cv2.resize(still, (clip.width, round(h * clip.width / w) // 2 * 2), interpolation=cv2.INTER_AREA)
     h, w = still.shape[:2]
-    identities = [restorer.build_identity(clip.references, name=clip.name, aligned=True)[0]] if clip.references else []
-    frames, motions = make_clip(still, count)
+    identities = [restorer.build_identity(clip.references, name=clip.name.split(",")[0], aligned=True)[0]] if clip.references else []
+    frames, motions = make_clip(still, count, damage=clip.damage)
     pictures = [Picture(f) for f in frames]
     centre = FaceHelper.masks(restorer.helper.detect(Picture(still).rgb()).faces, [still.shape[:2]])[0]
     region = cv2.erode((centre > 0.99).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
-    still_result = restorer.run([Picture(degrade(still))], identities=identities)[0].pixels
+    still_result = restorer.run([Picture(clip.damage(still))], identities=identities)[0].pixels
     rows = {"input": flicker(frames, motions, region),
             "floor": flicker([cv2.warpAffine(still_result, m, (w, h), flags=cv2.INTER_CUBIC,
                                              borderMode=cv2.BORDER_REFLECT_101) for m in motions], motions, region)}
@@ -164,6 +170,7 @@ def main() -> None:
     parser.add_argument("--faces", default=str(ROOT.parent / "shared" / "faces"))
     parser.add_argument("--frames", type=int, default=48)
     parser.add_argument("--weights")
+    parser.add_argument("--clips", nargs="+", metavar="NAME", help="measure only these clips (default: all)")
     parser.add_argument("--write-example", metavar="MP4",
                         help="write the example clip and stop: the already low-quality "
                              "examples/photos/obama_lowres.jpg, jittered, 24 frames")
@@ -175,6 +182,8 @@ def main() -> None:
     faces = Path(args.faces)
     obama_refs = sorted((faces / "obama" / "refs").glob("*"))
     clips = [Clip("obama", faces / "obama/raw_photos/o9.jpg", 640, [p for p in obama_refs if p.stem != "o9"]),
+             Clip("obama, heavy damage", faces / "obama/raw_photos/o9.jpg", 640,
+                  [p for p in obama_refs if p.stem != "o9"], heavy),
              Clip("family", ROOT / "examples/photos/family.jpg", 436, []),
              Clip("two people", faces / "whole/Blake_Lively.jpg", 700, [])]
     restorer = Restorer(load_model(args.weights, device="cpu"))
@@ -184,6 +193,8 @@ def main() -> None:
               "identity switches per-frame", "identity switches tracked", "identities (tracked)"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for clip in clips:
+        if args.clips and clip.name not in args.clips:
+            continue
         if not clip.still.is_file():
             print(f"| {clip.name} | skipped: {clip.still} not found |")
             continue

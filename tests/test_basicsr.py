@@ -74,6 +74,22 @@ def test_train_validate_load_and_resume_on_cpu(run_name):
     assert (exp / "models" / "net_g_latest.pth").exists()
 
 
+def test_a_run_starts_from_a_safetensors_checkpoint(run_name, tmp_path):
+    """As docs/training_demo.md says: a run can continue from the bundled .safetensors file."""
+    from dmdnet_plugin import DMDNet
+    from dmdnet_plugin.weights import save_checkpoint
+
+    start = DMDNet(ngf=8, banks_num=4, trainable_dictionary=True)
+    save_checkpoint(start, tmp_path / "start.safetensors", half=True)
+    proc = train(run_name, f"path:pretrain_network_g={tmp_path / 'start.safetensors'}", "train:total_iter=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Loading DMDNet weights from {tmp_path / 'start.safetensors'}" in log_text(run_name)
+    trained = load_model(ROOT / "experiments" / run_name / "models" / "net_g_latest.pth", device="cpu")
+    key = "E_lq.conv1.0.weight_orig"
+    first = start.state_dict()[key].half().float()
+    assert (trained.state_dict()[key] - first).abs().max() < 0.01  # one small step from the file's weights
+
+
 def test_bf16_autocast_training_on_cpu(run_name):
     proc = train(run_name, "train:autocast=bf16", "train:total_iter=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
