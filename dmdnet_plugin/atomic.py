@@ -18,9 +18,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from the user's other programs
     try:
         yield Path(tmp)
+        # mkstemp's (and safetensors') 0600 would hide outputs from the user's other programs
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

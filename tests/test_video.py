@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import av
@@ -59,6 +60,10 @@ def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama):
     assert out["audio_packets"] == src["audio_packets"] > 0
     entry = json.loads((tmp_path / "r.json").read_text())["files"][0]
     assert entry["status"] == "ok" and entry["audio"] == "copied" and entry["faces_restored"] == 8
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in ("obama.safetensors", "r.json", "out/clip.mp4"):  # atomic writes keep the usual file mode
+        assert (tmp_path / written).stat().st_mode & 0o777 == 0o666 & ~umask, written
     (track,) = entry["tracks"]  # one person, one track, one identity for all of its frames
     assert track["frames"] == [0, 7] and track["identity"] == "obama" and track["distance"] < 0.55
     face = (slice(40, 150), slice(150, 260))  # the face moved by at most 2 px
