@@ -63,9 +63,9 @@ class FaceHelper:
         boxes, boxes_from = component_boxes(transform_points(face.landmarks, matrix))
         return AlignedFace(face, crop, matrix, boxes, boxes_from, source_index)
 
-    def detect(self, rgb: np.ndarray, source_index: int = 0) -> Detection:
-        """Aligned faces of a float RGB image, and the faces left out with the reason."""
-        rgb8 = to_uint8(rgb)
+    def select(self, rgb8: np.ndarray) -> tuple[list[Face], list[dict]]:
+        """The faces of a uint8 RGB image that this helper keeps (size, count), and those left out
+        with the reason; not aligned (a clip's tracker aligns later, on smoothed landmarks)."""
         kept, skipped = [], []
         for face in self.backend.detect(rgb8):
             if face.width < self.min_face:
@@ -73,10 +73,15 @@ class FaceHelper:
             elif (self.only_largest and kept) or (self.max_faces is not None and len(kept) >= self.max_faces):
                 reason = "more faces than requested"
             else:
-                kept.append(self.align(rgb, face, source_index))
+                kept.append(face)
                 continue
             skipped.append({"box": [round(float(v), 1) for v in face.box], "reason": reason})
-        return Detection(tuple(kept), tuple(skipped))
+        return kept, skipped
+
+    def detect(self, rgb: np.ndarray, source_index: int = 0) -> Detection:
+        """Aligned faces of a float RGB image, and the faces left out with the reason."""
+        kept, skipped = self.select(to_uint8(rgb))
+        return Detection(tuple(self.align(rgb, face, source_index) for face in kept), tuple(skipped))
 
     def align_whole(self, rgb: np.ndarray, source_index: int = 0) -> AlignedFace:
         """Treat the whole image as an aligned crop (``--aligned``); landmarks only give the boxes."""

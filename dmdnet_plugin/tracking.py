@@ -209,8 +209,9 @@ class FaceTracker:
 
     def add(self, rgb: np.ndarray) -> None:
         """Detect the faces of the next frame (float RGB in [0, 1]) and link them to the tracks."""
-        index, gray = self.count, cv2.cvtColor(to_uint8(rgb), cv2.COLOR_RGB2GRAY)
-        faces = [a.face for a in self.helper.detect(rgb, index).faces]
+        index, rgb8 = self.count, to_uint8(rgb)
+        gray = cv2.cvtColor(rgb8, cv2.COLOR_RGB2GRAY)
+        faces, _ = self.helper.select(rgb8)
         motions = [None if self._prev is None else flow_motion(self._prev, gray, t.boxes[-1]) for t in self._active]
         predicted = [t.boxes[-1] if m is None else _moved_box(t.boxes[-1], _homogeneous(m))
                      for t, m in zip(self._active, motions)]
