@@ -94,7 +94,7 @@ def _identity(restorer: Restorer, ref_paths: list[str], identity_path: str | Non
 
 def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str | None, mode: str,
             upscale: float, strength: float, largest_only: bool, threshold: float = DEFAULT_THRESHOLD,
-            margin: float = DEFAULT_MARGIN, progress=gr.Progress()):
+            margin: float = DEFAULT_MARGIN, keep_colours: bool = True, progress=gr.Progress()):
     """Everything the page shows for one request; problems become one readable message."""
     if not photo:
         raise gr.Error("Upload a photo first.")
@@ -118,7 +118,7 @@ def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str |
         for step, (run_mode, identities) in enumerate(runs.items()):
             progress(0.4 + 0.3 * step, desc=f"restoring ({run_mode.value})")
             results[run_mode] = restorer.run([picture], run_mode, identities, strength, upscale,
-                                             detections=detections)[0]
+                                             detections=detections, colours=keep_colours)[0]
     except (WeightsError, ImageError, IdentityError, ValueError) as exc:
         raise gr.Error(_readable(str(exc), [photo, *ref_paths, identity_path or ""])) from None
     with_identity = results.get(chosen) if chosen is not Mode.GENERIC else None
@@ -198,7 +198,10 @@ def build_ui() -> gr.Blocks:
                     with gr.Row():
                         upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
                         strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
-                    largest = gr.Checkbox(False, label="Largest face only")
+                    with gr.Row():
+                        largest = gr.Checkbox(False, label="Largest face only")
+                        colours = gr.Checkbox(True, label="Keep the photo's colours",
+                                              info="off: the model's colours, which may drift")
                     with gr.Accordion("Identity matching", open=False):
                         threshold = gr.Slider(0.3, 0.7, value=DEFAULT_THRESHOLD, step=0.01, label="Match threshold",
                                               info="largest embedding distance that can be the same person")
@@ -216,7 +219,7 @@ def build_ui() -> gr.Blocks:
                         result_file = gr.File(label="Full-resolution result")
                         identity_file = gr.File(label="Identity dictionary (reuse it later)")
                     status = gr.Markdown()
-            run.click(restore, [photo, references, identity, mode, upscale, strength, largest, threshold, margin],
+            run.click(restore, [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours],
                       [slider, generic, with_identity, gallery, result_file, identity_file, status], api_name="restore")
             gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
                          [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],

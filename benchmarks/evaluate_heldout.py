@@ -4,9 +4,11 @@
 
 Uses the validation set of the option file (deterministic degradation, references of the same
 person, the target excluded) and prints a table of PSNR, SSIM and the dlib identity distance
-between each output and its ground truth (lower is more the same person). Without --weights it
-evaluates whatever the discovery order finds (the bundled demo checkpoint on a fresh clone).
---grid writes input | generic | identity | ground truth, one row per face, 256 px per face.
+between each output and its ground truth (lower is more the same person), for the model's own
+output and for it with the input's broad colours kept (:mod:`dmdnet_plugin.colours`, the
+pipeline's default). Without --weights it evaluates whatever the discovery order finds (the
+bundled demo checkpoint on a fresh clone). --grid writes input | generic | identity (as the
+pipeline gives them) | ground truth, one row per face, 256 px per face.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
 from basicsr.utils import tensor2img  # noqa: E402
 
 from basicsr_arch.dmdnet_dataset import DMDNetFaceDataset  # noqa: E402
+from dmdnet_plugin.colours import keep_colours  # noqa: E402
 from dmdnet_plugin.components import sanitize_boxes  # noqa: E402
 from dmdnet_plugin.faces import DlibBackend  # noqa: E402
+from dmdnet_plugin.io import to_uint8  # noqa: E402
 from dmdnet_plugin.weights import load_model  # noqa: E402
 
-OUTPUTS = ("input", "generic", "identity")
+OUTPUTS = ("input", "generic", "identity", "generic, input's colours", "identity, input's colours")
 GRID_PANEL = 256  # px per face in the --grid image (half size keeps the docs small)
 
 
@@ -58,10 +62,11 @@ def evaluate(weights: str | None, val_opt: dict, limit: int | None = None,
                                  refs=item["refs"][None].to(device),
                                  ref_boxes=sanitize_boxes(item["ref_boxes"][None]).to(device))
         images = [tensor2img(img.float().cpu(), min_max=(-1, 1)) for img in (item["lq"], out.generic[0], out.identity[0])]
+        images += [to_uint8(keep_colours(img / 255.0, images[0] / 255.0)) for img in images[1:]]
         for name, bgr in zip(OUTPUTS, images):
             rows[name].append((calculate_psnr(bgr, gt, 0), calculate_ssim(bgr, gt, 0),
                                identity_distance(backend, bgr, gt_faces[0].embedding)))
-        row = np.hstack(images + [gt])
+        row = np.hstack([images[0], *images[3:], gt])
         panels.append(cv2.resize(row, (4 * GRID_PANEL, GRID_PANEL), interpolation=cv2.INTER_AREA))
     if grid is not None and panels:
         cv2.imwrite(str(grid), np.vstack(panels))

@@ -119,7 +119,7 @@ def one_request(url: str, client, index: int, kind: str, photo: Path, refs: list
     try:
         args = (handle_file(str(broken if kind == "broken" else photo)),
                 [handle_file(str(r)) for r in refs] if kind == "references" else None, None,
-                "auto" if kind == "references" else "generic", 1, 1.0, False, 0.55, 0.04)
+                "auto" if kind == "references" else "generic", 1, 1.0, False, 0.52, 0.05, True)
         result_file = client.predict(*args, api_name="/restore")[4]
         got = cv2.imread(result_file)
         scores = [psnr(got, theirs) for theirs in everyone]

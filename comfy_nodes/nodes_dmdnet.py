@@ -348,6 +348,9 @@ class DMDNetRestoreFaces(io.ComfyNode):
                                          "smooth it over time and give it one identity for the whole clip"),
                 io.Float.Input("frame_rate", default=25.0, min=1.0, max=240.0, step=1.0, optional=True,
                                tooltip="the clip's frames per second (with temporal; wire Get Video Components' fps)"),
+                io.Boolean.Input("keep_colors", default=True, optional=True,
+                                 tooltip="restored faces keep the image's broad colors and take only fine detail from "
+                                         "the model (off: the model's colors, which may drift)"),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="the images with the restored faces pasted back"),
@@ -359,7 +362,7 @@ class DMDNetRestoreFaces(io.ComfyNode):
     def execute(cls, model: ModelHandle, image: torch.Tensor, strength: float, match_threshold: float,
                 batch_size: int, match_margin: float = DEFAULT_MARGIN, faces: FacesWire | None = None,
                 identities: list | None = None, mode: str = Mode.AUTO.value, only_identities: bool = False,
-                temporal: bool = False, frame_rate: float = 25.0) -> io.NodeOutput:
+                temporal: bool = False, frame_rate: float = 25.0, keep_colors: bool = True) -> io.NodeOutput:
         mode = Mode.ONLY_MATCHED.value if only_identities else mode
         pictures = _pictures(image, "DMDNet Restore Faces")
         if temporal and faces is not None:
@@ -381,7 +384,8 @@ class DMDNetRestoreFaces(io.ComfyNode):
             for start in range(0, len(pictures), FRAMES_PER_RUN):  # a clip's intermediates never all at once
                 part = slice(start, start + FRAMES_PER_RUN)
                 results = restorer.run(pictures[part], mode, strength=strength, detections=detections[part],
-                                       progress=lambda d, _t, base=done: update(base + d, total), smoother=smoother)
+                                       progress=lambda d, _t, base=done: update(base + d, total), smoother=smoother,
+                                       colours=keep_colors)
                 done += sum(len(d.faces) for d in detections[part])
                 for i, r in enumerate(results, start):
                     frames[i] = torch.from_numpy(r.pixels)

@@ -101,7 +101,8 @@ def cmd_restore(args) -> int:
 
 def _restore_photo(restorer: Restorer, src: Path, dst: Path, args) -> dict:
     """One photo; its report fields."""
-    result = restorer.run([read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale)[0]
+    result = restorer.run([read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale,
+                          colours=not args.model_colours)[0]
     write_image(dst, result.pixels, result.alpha)
     if args.save_faces:
         save_faces(result, dst.parent, src.stem)
@@ -123,7 +124,8 @@ def _restore_video(restorer: Restorer, src: Path, dst: Path, args) -> dict:
             bar.n = done
             bar.refresh()
 
-        entry = restore_video(restorer, src, dst, args.mode, temporal=not args.per_frame, progress=progress)
+        entry = restore_video(restorer, src, dst, args.mode, temporal=not args.per_frame, progress=progress,
+                              colours=not args.model_colours)
     return {"output": str(dst), "status": "ok" if entry["faces_restored"] else "no_face", **entry}
 
 
@@ -142,8 +144,9 @@ def cmd_identity_build(args) -> int:
 def cmd_identity_show(args) -> int:
     for path in args.files:
         meta = IdentityDictionary.load(path).metadata()
-        if "embedding" in meta:
-            meta["embedding"] = f"{len(json.loads(meta['embedding']))}-d mean of {meta['n_embedded']} references"
+        for key, what in (("embedding", "references"), ("embedding_damaged", "references under fixed damage")):
+            if key in meta:
+                meta[key] = f"{len(json.loads(meta[key]))}-d mean of {meta['n_embedded']} {what}"
         print(json.dumps({"file": str(path), **meta}, indent=2))
     return 0
 
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)")
     p.add_argument("--only-largest", action="store_true", help="restore only the largest face of each photo")
     p.add_argument("--save-faces", action="store_true", help="also write cropped_faces/ and restored_faces/ (photos)")
+    p.add_argument("--model-colours", action="store_true",
+                   help="keep the model's colours in restored faces (default: the photo's broad colours, fine detail "
+                        "from the model)")
     p.add_argument("--per-frame", action="store_true",
                    help="videos: restore each frame on its own, as a photo (default: faces are tracked, steadily "
                         "aligned and smoothed over time, one identity per track)")

@@ -32,6 +32,11 @@ class AlignedFace:
     source_index: int = 0  # which image of a batch the face is in
     track: int | None = None  # which track of a clip (:mod:`tracking`); None for photos
 
+    @property
+    def crop_landmarks(self) -> np.ndarray:
+        """The face's landmarks in crop pixels."""
+        return transform_points(self.face.landmarks, self.matrix)
+
 
 @dataclass(frozen=True)
 class Detection:

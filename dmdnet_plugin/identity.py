@@ -18,7 +18,7 @@ from .tensorfile import TensorFileError, check_tensors, json_field, read_safeten
 
 FORMAT = "dmdnet-identity"
 VERSION = 1
-MAX_HEADER = 1 << 20  # a real header is a few kB: 36 tensor entries and a 128-d mean embedding
+MAX_HEADER = 1 << 20  # a real header is a few kB: 36 tensor entries and two 128-d mean embeddings
 MAX_EMBEDDING = 4096  # the longest face embedding we accept (dlib's is 128-d)
 
 
@@ -39,8 +39,9 @@ class IdentityDictionary:
     """Specific dictionary of one person.
 
     ``tensors``: ``dictionary_key`` -> (K, C, h, w) float32 on CPU. ``embeddings``: the
-    references' face embeddings (K, D) when known; the file stores their mean and count so
-    that matching and extending need no recomputation.
+    references' face embeddings (K, D) when known, and ``damaged_embeddings`` theirs under fixed
+    damage (:mod:`damage`); the file stores the means and their count so that matching and
+    extending need no recomputation.
     """
 
     def __init__(
@@ -51,6 +52,8 @@ class IdentityDictionary:
         embeddings: np.ndarray | None = None,
         embedding_mean: np.ndarray | None = None,
         n_embedded: int = 0,
+        damaged_embeddings: np.ndarray | None = None,
+        damaged_mean: np.ndarray | None = None,
     ) -> None:
         counts = {t.shape[0] for t in tensors.values()}
         if len(counts) != 1:
@@ -61,8 +64,13 @@ class IdentityDictionary:
         if embeddings is not None and len(embeddings):
             embeddings = np.asarray(embeddings, dtype=np.float64)
             embedding_mean, n_embedded = embeddings.mean(0), len(embeddings)
+        if damaged_embeddings is not None and len(damaged_embeddings):
+            damaged_mean = np.asarray(damaged_embeddings, dtype=np.float64).mean(0)
         self.embedding = None if embedding_mean is None else np.asarray(embedding_mean, dtype=np.float64)
         self.n_embedded = n_embedded if self.embedding is not None else 0
+        # only beside a clean mean of the same references
+        self.damaged_embedding = (None if damaged_mean is None or self.embedding is None
+                                  else np.asarray(damaged_mean, dtype=np.float64))
         self._device_copy: tuple[torch.device, dict[str, torch.Tensor]] | None = None
 
     @property
@@ -88,13 +96,17 @@ class IdentityDictionary:
         if self.tensors.keys() != other.tensors.keys():
             raise IdentityError("dictionaries have different component sets")
         tensors = {k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()}
-        parts = [(d.embedding, d.n_embedded) for d in (self, other) if d.embedding is not None]
-        total = sum(n for _, n in parts)
-        mean = sum(e * n for e, n in parts) / total if parts else None
-        return IdentityDictionary(tensors, self.model_fingerprint, self.name or other.name, None, mean, total)
+        embedded = [d for d in (self, other) if d.embedding is not None]
+        total = sum(d.n_embedded for d in embedded)
+        mean = sum(d.embedding * d.n_embedded for d in embedded) / total if embedded else None
+        damaged = None  # kept only when it covers the same references as the clean mean
+        if embedded and all(d.damaged_embedding is not None for d in embedded):
+            damaged = sum(d.damaged_embedding * d.n_embedded for d in embedded) / total
+        return IdentityDictionary(tensors, self.model_fingerprint, self.name or other.name, None, mean, total,
+                                  damaged_mean=damaged)
 
     def metadata(self) -> dict[str, str]:
-        """Safetensors metadata (strings only; the embedding as a JSON list)."""
+        """Safetensors metadata (strings only; the embeddings as JSON lists)."""
         meta = {
             "format": FORMAT,
             "version": str(VERSION),
@@ -104,8 +116,9 @@ class IdentityDictionary:
         }
         if self.name:
             meta["name"] = self.name
-        if self.embedding is not None:
-            meta["embedding"] = json.dumps([round(float(x), 7) for x in self.embedding])
+        for key, value in (("embedding", self.embedding), ("embedding_damaged", self.damaged_embedding)):
+            if value is not None:
+                meta[key] = json.dumps([round(float(x), 7) for x in value])
         return meta
 
     def save(self, path: str | Path) -> Path:
@@ -151,20 +164,27 @@ class IdentityDictionary:
         missing_meta = [k for k in ("n_refs", "model_fingerprint") if k not in meta]
         if missing_meta:
             raise IdentityError(f"identity dictionary metadata lacks {missing_meta}")
-        embedding = None
-        if "embedding" in meta:
-            embedding = np.asarray(json_field(meta, "embedding"), dtype=object)
-            if embedding.ndim != 1 or not 0 < len(embedding) <= MAX_EMBEDDING or not all(
-                isinstance(x, (int, float)) and np.isfinite(x) for x in embedding
-            ):
-                raise IdentityError(f"metadata 'embedding' must be a list of 1 to {MAX_EMBEDDING} finite numbers")
-            embedding = embedding.astype(np.float64)
+        embedding, damaged = _embedding_field(meta, "embedding"), _embedding_field(meta, "embedding_damaged")
+        if damaged is not None and (embedding is None or damaged.shape != embedding.shape):
+            raise IdentityError("metadata 'embedding_damaged' needs an 'embedding' of the same length")
         try:
             n_refs, n_embedded = int(meta["n_refs"]), int(meta.get("n_embedded", 0))
         except ValueError as exc:
             raise IdentityError(f"corrupted metadata ({exc})") from None
         ident = cls({k: v.float() for k, v in tensors.items()}, meta["model_fingerprint"], name=meta.get("name"),
-                    embedding_mean=embedding, n_embedded=max(n_embedded, 0))
+                    embedding_mean=embedding, n_embedded=max(n_embedded, 0), damaged_mean=damaged)
         if ident.n_refs != n_refs:
             raise IdentityError(f"holds {ident.n_refs} atoms but its metadata says {n_refs}")
         return ident
+
+
+def _embedding_field(meta: dict[str, str], key: str) -> np.ndarray | None:
+    """A mean embedding from the metadata, checked: a list of finite numbers of a sane length."""
+    if key not in meta:
+        return None
+    embedding = np.asarray(json_field(meta, key), dtype=object)
+    if embedding.ndim != 1 or not 0 < len(embedding) <= MAX_EMBEDDING or not all(
+        isinstance(x, (int, float)) and np.isfinite(x) for x in embedding
+    ):
+        raise IdentityError(f"metadata {key!r} must be a list of 1 to {MAX_EMBEDDING} finite numbers")
+    return embedding.astype(np.float64)

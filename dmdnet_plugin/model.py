@@ -319,8 +319,13 @@ class DMDNet(nn.Module):
         name: str | None = None,
         embeddings: np.ndarray | None = None,
         batch_size: int = 4,
+        damaged_embeddings: np.ndarray | None = None,
     ) -> IdentityDictionary:
-        """Identity dictionary from K >= 1 aligned high-quality references (K, 3, 512, 512)."""
+        """Identity dictionary from K >= 1 aligned high-quality references (K, 3, 512, 512).
+
+        ``embeddings`` and ``damaged_embeddings`` (K, D): the references' face embeddings, clean
+        and under :mod:`damage`, kept (as means) for matching faces to this identity.
+        """
         ref_boxes = torch.as_tensor(ref_boxes)
         if refs.dim() != 4 or refs.shape[0] < 1 or tuple(refs.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
             raise ValueError(f"refs must be (K>=1, 3, {CROP_SIZE}, {CROP_SIZE}), got {tuple(refs.shape)}")
@@ -334,7 +339,8 @@ class DMDNet(nn.Module):
                 atoms = self.memorize(x.contiguous(memory_format=torch.channels_last), b)
                 chunks.append({k: v.float().cpu().contiguous() for k, v in atoms.items()})
         tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-        return IdentityDictionary(tensors, self.fingerprint(), name=name, embeddings=embeddings)
+        return IdentityDictionary(tensors, self.fingerprint(), name=name, embeddings=embeddings,
+                                  damaged_embeddings=damaged_embeddings)
 
     def check_identity(self, identity: IdentityDictionary) -> None:
         """Refuse a dictionary this model did not build: by fingerprint, then by atom shape, since a

@@ -16,6 +16,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
+from .colours import keep_colours
+from .damage import damaged_embedding
 from .face_helper import AlignedFace, Detection, FaceHelper
 from .identity import IdentityDictionary
 from .io import ImageError, Picture, read_image, to_uint8, write_image
@@ -158,6 +160,7 @@ class Restorer:
             torch.from_numpy(np.stack([f.boxes for f in faces])),
             name=name,
             embeddings=np.stack([f.face.embedding for f in faces]),
+            damaged_embeddings=np.stack([damaged_embedding(self.helper.backend, f.crop, f.crop_landmarks) for f in faces]),
         )
         return ident, rejected
 
@@ -197,6 +200,7 @@ class Restorer:
         detections: Sequence[Detection] | None = None,
         progress: Progress | None = None,
         smoother: CropSmoother | None = None,
+        colours: bool = True,
     ) -> list[ImageResult]:
         """Restore the faces of every picture (photos, or a clip's frames); one result per picture.
 
@@ -204,6 +208,7 @@ class Restorer:
         one). ``strength`` blends the restored faces over the originals. ``detections`` (one per
         picture, e.g. from :meth:`FaceHelper.find`) skips face detection. ``smoother``: a clip's
         frames, run in order with tracked detections (:mod:`tracking`), get steady restored faces.
+        ``colours``: restored faces keep the input's broad colours (:mod:`colours`); False: the model's.
         """
         mode = Mode(mode)
         identities = self.identities if identities is None else tuple(identities)
@@ -218,6 +223,8 @@ class Restorer:
         decided = [[(f, *self._decide(f, mode, identities)) for f in d.faces] for d in detections]
         jobs = [(f, ident) for image in decided for f, ident, _, why in image if why is None]
         crops = self._restore(jobs, progress)  # in the order of ``jobs``: image by image, so frame by frame
+        if colours:
+            crops = [keep_colours(crop, f.crop) for (f, _), crop in zip(jobs, crops)]
         if smoother is not None:
             crops = [crop if f.track is None else smoother(f.track, crop) for (f, _), crop in zip(jobs, crops)]
         crops = iter(crops)

@@ -132,11 +132,13 @@ def restore_video(
     strength: float = 1.0,
     max_frames: int | None = None,
     progress: FrameProgress | None = None,
+    colours: bool = True,
 ) -> dict:
     """Restore every face of a video into ``dst`` (written atomically); returns its report entry.
 
     ``temporal``: faces are tracked, steadily aligned and given one identity per track; off, each
     frame is restored on its own, as a photo would be. ``max_frames``: refuse longer clips.
+    ``colours``: as in :meth:`Restorer.run`.
     """
     import av
 
@@ -153,7 +155,8 @@ def restore_video(
     def run(batch: list) -> list:
         pictures = [Picture(info.upright(f)) for _, f in batch]
         detections = None if clip is None else clip.detections(restorer.helper, pictures, batch[0][0])
-        results = restorer.run(pictures, mode, identities, strength, detections=detections, smoother=smoother)
+        results = restorer.run(pictures, mode, identities, strength, detections=detections, smoother=smoother,
+                               colours=colours)
         out = []
         for (index, frame), result in zip(batch, results):
             for face in result.faces:

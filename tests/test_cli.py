@@ -16,6 +16,7 @@ from PIL import Image
 from dmdnet_plugin.align import CROP_MASK, paste_face
 from dmdnet_plugin.cli import main
 from dmdnet_plugin.faces import DlibBackend
+from dmdnet_plugin.identity import IdentityDictionary
 from dmdnet_plugin.io import read_image
 from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.weights import save_checkpoint
@@ -99,6 +100,9 @@ def test_identity_build_show_and_matching_in_a_two_person_photo(tmp_path, weight
     assert run("identity", "show", a) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["name"] == "person-00005" and shown["n_refs"] == "3" and shown["format"] == "dmdnet-identity"
+    assert shown["embedding_damaged"] == "128-d mean of 3 references under fixed damage"
+    ident = IdentityDictionary.load(a)  # damage moves the embedding, but it stays this person's
+    assert 0.05 < np.linalg.norm(ident.damaged_embedding - ident.embedding) < 0.5
 
     photo = two_people(tmp_path)
     assert run("restore", photo, family_png(tmp_path), "-o", tmp_path / "out", "--weights", weights,
@@ -210,6 +214,11 @@ def test_aligned_crops_upscale_and_saved_faces(tmp_path, weights):
     assert cv2.imread(str(tmp_path / "out" / "3.jpg")).shape == (512, 512, 3)
     assert (tmp_path / "out" / "restored_faces" / "3_00.png").exists()
     assert (tmp_path / "out" / "cropped_faces" / "3_00.png").exists()
+    assert run("restore", crop, "-o", tmp_path / "own", "--aligned", "--weights", weights, "--save-faces",
+               "--model-colours") == 0
+    low = (lambda p: cv2.GaussianBlur(cv2.imread(str(p)).astype(float), (0, 0), 16))
+    drift = {d: np.abs(low(tmp_path / d / "restored_faces" / "3_00.png") - low(crop)).mean() for d in ("out", "own")}
+    assert drift["out"] < drift["own"] / 3, drift  # by default the crop's broad colours; --model-colours: the model's
     assert run("restore", DATA / "photos" / "family.jpg", "-o", tmp_path / "up", "--upscale", "2",
                "--weights", weights) == 0
     assert cv2.imread(str(tmp_path / "up" / "family.jpg")).shape == (1280, 874, 3)
@@ -277,8 +286,10 @@ def test_only_matched_mode_leaves_strangers_as_they_were(tmp_path, weights):
     left, right = sorted(json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"], key=lambda f: f["box"][0])
     assert left["identity"] == "p5" and "left_as_is" not in left
     assert right["identity"] is None
-    assert re.fullmatch(r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.55",
+    assert re.fullmatch(r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.52; "
+                        r"with the damaged references, too far: the nearest is at 0\.\d+, above the threshold 0\.4",
                         right["left_as_is"]), right["left_as_is"]
+    assert right["match_damaged_distance"] > 0.4 and left["match_damaged_margin"] is None
     assert left["match_decision"] == "matched" and left["match_margin"] is None  # one identity: no runner-up
     x1, y1, x2, y2 = map(int, right["box"])
     before, after = read_image(photo).pixels, read_image(tmp_path / "out" / photo.name).pixels

@@ -203,7 +203,7 @@ def test_front_end_lists_the_templates_and_renders_the_v3_nodes(server):
         assert sorted(t for t, _, _ in loaded[name]) == sorted(n["class_type"] for n in workflow(name).values())
     widgets = {t: w for t, w, _ in loaded["dmdnet_restore_chosen_people"]}
     assert widgets["DMDNetRestoreFaces"] == ["strength", "match_threshold", "batch_size", "match_margin", "mode",
-                                             "only_identities", "temporal", "frame_rate"]
+                                             "only_identities", "temporal", "frame_rate", "keep_colors"]
     assert widgets["DMDNetBuildIdentity"] == ["name"]
     if os.environ.get("DMDNET_THUMBNAILS"):
         for name in names:

@@ -195,14 +195,16 @@ def test_example_workflows_run(comfy, tmp_path):
     results = run_prompt(pack, workflow("dmdnet_restore_chosen_people"), inputs, outputs)
     batch, (image, faces) = results["10"][0], results["11"]
     assert image.shape == batch.shape and image.shape[0] == 2 and faces.shape == (1, 512, 512, 3)
-    assert (image[0] - batch[0]).abs().mean() > 1 / 255  # the chosen person's face was restored
+    changed = ((image[0] - batch[0]).abs().amax(-1) > 4 / 255).float().mean()
+    assert changed > 0.05, changed  # the chosen person's face (17% of the photo) was restored
     assert torch.equal(image[1], batch[1])  # the family photo has no match: left exactly as it was
 
     results = run_prompt(pack, workflow("dmdnet_restore_video"), inputs, outputs)
     clip, (frames, faces), video = results["9"][0], results["10"], results["11"][0]
     assert frames.shape == clip.shape == (24, 232, 386, 3) and faces.shape == (24, 512, 512, 3)
     assert video["images"] is frames and video["fps"] == 25.0
-    assert (frames - clip).abs().mean() > 1 / 255
+    changed = ((frames - clip).abs().amax(-1) > 4 / 255).float().mean()
+    assert changed > 0.05, changed  # the face in every frame was restored
 
     group = _load_image(inputs, "dmdnet_family.jpg")[0]
     detected, crops, mask = call(node_classes(pack), "DMDNetDetectFaces", group, "hog", 24, 0, False)

@@ -34,9 +34,12 @@ def heldout_results(tmp_path_factory):
 def test_bundled_checkpoint_beats_the_degraded_input_on_heldout_people(heldout_results):
     results, grid = heldout_results
     assert results["input"]["n"] == 8 and results["identity"]["n"] == 8
-    for output in ("generic", "identity"):
+    for output in ("generic", "identity", "generic, input's colours", "identity, input's colours"):
         assert results[output]["psnr"] > results["input"]["psnr"], results
         assert results[output]["ssim"] > results["input"]["ssim"], results
+    # why the pipeline keeps the input's colours by default: this model's own colours drift
+    for output in ("generic", "identity"):
+        assert results[f"{output}, input's colours"]["psnr"] > results[output]["psnr"] + 0.1, results
     assert cv2.imread(str(grid)).shape == (8 * 256, 4 * 256, 3)
 
 

@@ -125,7 +125,7 @@ def test_launched_app_through_gradio_client(server):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    out = client.predict(handle_file(str(PHOTO)), [handle_file(r) for r in REFS[:2]], None, "auto", 1, 1.0, False, 0.55, 0.04,
+    out = client.predict(handle_file(str(PHOTO)), [handle_file(r) for r in REFS[:2]], None, "auto", 1, 1.0, False, 0.52, 0.05, True,
                          api_name="/restore")
     slider, generic, specific, crops, result_file, identity_file, message = out
     assert cv2.imread(result_file).shape == cv2.imread(str(PHOTO)).shape

@@ -182,7 +182,8 @@ def _cli_says_one_error_line(argv: list[str], path: Path, capsys) -> None:
 def identity_blob(small, tmp_path_factory) -> bytes:
     inputs = load_parity_inputs()
     emb = np.random.default_rng(0).normal(size=(2, 128))
-    ident = small.build_identity(inputs["refs"][:2], inputs["ref_boxes"][:2], name="someone", embeddings=emb)
+    ident = small.build_identity(inputs["refs"][:2], inputs["ref_boxes"][:2], name="someone", embeddings=emb,
+                                 damaged_embeddings=emb + 0.1)
     return ident.save(tmp_path_factory.mktemp("ident") / "base.safetensors").read_bytes()
 
 
@@ -197,7 +198,7 @@ def test_hostile_identity_dictionaries_are_refused_cleanly(small, identity_blob,
         except IdentityError as exc:
             assert "\n" not in str(exc)
 
-    cases = _cases(identity_blob, ["embedding", "n_refs", "n_embedded", "model_fingerprint", "format", "name"], rng)
+    cases = _cases(identity_blob, ["embedding", "embedding_damaged", "n_refs", "n_embedded", "model_fingerprint", "format", "name"], rng)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i, (kind, blob) in enumerate(cases):
         path = tmp_path / f"case{i:03d}-{kind}.safetensors"

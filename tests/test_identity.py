@@ -17,11 +17,13 @@ def inputs():
 
 def test_save_load_round_trip_restores_identically(small, inputs, tmp_path):
     emb = np.random.default_rng(0).standard_normal((3, 128))
-    ident = small.build_identity(inputs["refs"], inputs["ref_boxes"], name="person-00005", embeddings=emb)
+    ident = small.build_identity(inputs["refs"], inputs["ref_boxes"], name="person-00005", embeddings=emb,
+                                 damaged_embeddings=emb[::-1] * 0.5)
     path = ident.save(tmp_path / "p.safetensors")
     loaded = IdentityDictionary.load(path)
     assert (loaded.name, loaded.n_refs, loaded.model_fingerprint) == ("person-00005", 3, small.fingerprint())
     np.testing.assert_allclose(loaded.embedding, emb.mean(0), atol=1e-6)
+    np.testing.assert_allclose(loaded.damaged_embedding, emb.mean(0) * 0.5, atol=1e-6)
     assert loaded.tensors.keys() == ident.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], v) for k, v in ident.tensors.items())
     a = small.restore(inputs["lq"], inputs["lq_boxes"], identity=ident)
@@ -39,12 +41,18 @@ def test_a_single_reference_is_enough(small, inputs):
 
 
 def test_extending_keeps_the_old_atoms_and_equals_building_all_at_once(small, inputs):
-    a = small.build_identity(inputs["refs"][:2], inputs["ref_boxes"][:2], embeddings=np.ones((2, 4)))
-    b = small.build_identity(inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)))
+    a = small.build_identity(inputs["refs"][:2], inputs["ref_boxes"][:2], embeddings=np.ones((2, 4)),
+                             damaged_embeddings=np.full((2, 4), 3.0))
+    b = small.build_identity(inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)),
+                             damaged_embeddings=np.zeros((1, 4)))
     both = small.build_identity(inputs["refs"], inputs["ref_boxes"])
     merged = a.extend(b)
     assert merged.n_refs == 3 and merged.n_embedded == 3
     np.testing.assert_allclose(merged.embedding, np.full(4, 2 / 3))
+    np.testing.assert_allclose(merged.damaged_embedding, np.full(4, 2.0))
+    # an older file without damaged embeddings: the merged mean would not cover every reference
+    old = small.build_identity(inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)))
+    assert a.extend(old).damaged_embedding is None
     for k, v in both.tensors.items():
         assert torch.equal(merged.tensors[k][:2], a.tensors[k])
         assert (merged.tensors[k] - v).abs().max() < 1e-4

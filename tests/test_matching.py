@@ -10,10 +10,10 @@ from conftest import DATA
 
 pytest.importorskip("basicsr")  # the benchmark degrades faces with the training dataset's code
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from identity_matching import collect, counts  # noqa: E402
+from identity_matching import collect, counts, means_for  # noqa: E402
 
 from dmdnet_plugin.identity import IdentityDictionary  # noqa: E402
-from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, decide, match  # noqa: E402
+from dmdnet_plugin.matching import DAMAGED_SHARE, DEFAULT_MARGIN, DEFAULT_THRESHOLD, decide, decide_face, match  # noqa: E402
 
 
 def test_the_rule_needs_near_enough_and_clearly_nearest():
@@ -24,6 +24,18 @@ def test_the_rule_needs_near_enough_and_clearly_nearest():
     assert chosen is None and reason.startswith("too far: the nearest is at 0.520")
     assert decide([0.3], 0.5, 0.04) == (0, "matched")  # one identity: no runner-up to be unsure about
     assert decide([0.422, 0.428], 0.5, 0.0)[0] == 0  # margin 0: the nearest wins, as before
+
+
+def test_an_undecided_face_is_decided_again_with_the_damaged_references():
+    # too far from both clean means, near one damaged mean: matched, under the stricter threshold
+    assert decide_face([0.62, 0.75], [0.35, 0.52], 0.52, 0.04) == (0, "matched with the damaged references")
+    chosen, reason = decide_face([0.62, 0.75], [0.01 + 0.52 * DAMAGED_SHARE, 0.9], 0.52, 0.04)
+    assert chosen is None and reason.startswith("too far: the nearest is at 0.620, above the threshold 0.52; "
+                                                "with the damaged references, too far")
+    chosen, reason = decide_face([0.62, 0.75], [0.30, 0.32], 0.52, 0.04)  # as near to two damaged means
+    assert chosen is None and "with the damaged references, unsure" in reason
+    assert decide_face([0.40, 0.60], [0.45, 0.20], 0.52, 0.04) == (0, "matched")  # the clean means decide first
+    assert decide_face([0.62, 0.75], None, 0.52, 0.04)[0] is None  # an identity without damaged means
 
 
 def test_match_reports_distance_margin_and_decision():
@@ -37,6 +49,11 @@ def test_match_reports_distance_margin_and_decision():
     unsure = match(np.array([0.14, 0.0]), [a, b], threshold=0.5, margin=0.04)
     assert unsure.identity is None and unsure.record()["match_margin"] == 0.02
     assert match(None, [a, b]).reason == "the face could not be embedded"
+    a.damaged_embedding, b.damaged_embedding = np.array([1.0, 1.0]), np.array([0.0, 1.0])
+    damaged = match(np.array([0.9, 0.9]), [a, b], threshold=0.5, margin=0.04)
+    assert damaged.identity is a and damaged.record() == {
+        "match_distance": 1.0817, "match_margin": 0.1911, "match_decision": "matched with the damaged references",
+        "match_damaged_distance": 0.1414, "match_damaged_margin": 0.7641}
 
 
 def test_no_wrong_match_on_a_fixed_subset_of_real_faces():
@@ -45,9 +62,15 @@ def test_no_wrong_match_on_a_fixed_subset_of_real_faces():
     folks = {p.name: sorted(p.glob("*.jpg")) for p in
              (DATA / "celebref" / "00005", DATA / "celebref" / "00022", DATA / "heldout" / "00121",
               DATA / "heldout" / "00146")}
-    cases, clean = collect(folks, {}, weights=None)
+    cases, refs = collect(folks, {}, weights=None)
     assert len(cases) == 3 * 15
     for use in ("raw", "restored"):
-        got = counts(cases, clean, use, DEFAULT_THRESHOLD, DEFAULT_MARGIN)
+        got = counts(cases, refs, use, DEFAULT_THRESHOLD, DEFAULT_MARGIN)
         assert all(outcomes.count("wrong") == 0 for outcomes in got.values()), (use, got)
         assert got["none"].count("right") >= 12, (use, got["none"])
+    # the damaged references match severely damaged faces that the clean ones leave generic
+    severe = [c for c in cases if c.level == "severe"]
+    clean_only = sum(decide([float(np.linalg.norm(c.raw - m[0])) for m in means_for(c, refs).values()],
+                            DEFAULT_THRESHOLD, DEFAULT_MARGIN)[0] is not None for c in severe)
+    with_damaged = counts(cases, refs, "raw", DEFAULT_THRESHOLD, DEFAULT_MARGIN)["severe"].count("right")
+    assert with_damaged > clean_only, (with_damaged, clean_only)

@@ -14,6 +14,7 @@ from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.io import Picture
 from dmdnet_plugin.pipeline import Mode, Restorer
+from dmdnet_plugin.weights import BUNDLED, load_model
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,20 @@ def test_bad_requests_are_refused_clearly(setup):
     foreign = small_net(seed=5).build_identity(torch.zeros(1, 3, 512, 512), TEMPLATE_BOXES[None])  # another model's
     with pytest.raises(ValueError, match="rebuild it from its references"):
         restorer.run([picture], identities=[foreign])
+
+
+def test_restored_faces_keep_the_photos_broad_colours_unless_told_not_to(setup):
+    helper, picture = setup[0].helper, setup[1]
+    restorer = Restorer(load_model(BUNDLED, device="cpu"), helper)  # real weights: a random net's output clips
+    detections = helper.find([picture])
+    kept, own = (restorer.run([picture], Mode.GENERIC, detections=detections, colours=c)[0] for c in (True, False))
+
+    def low(x: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(x, (0, 0), 16)
+
+    for k, m in zip(kept.faces, own.faces):
+        drift_kept, drift_own = (float(np.abs(low(f.restored) - low(f.crop)).mean()) for f in (k, m))
+        assert drift_kept < 0.005 and drift_kept < drift_own / 3, (drift_kept, drift_own)  # the photo's, not the model's
+        detail = np.abs((k.restored - low(k.restored)) - (m.restored - low(m.restored))).mean()
+        assert detail < 0.01, detail  # the fine detail is the model's either way
+    assert np.abs(kept.pixels.astype(int) - own.pixels.astype(int)).mean() > 1  # and the pasted photo shows it
