@@ -37,9 +37,9 @@ def test_bundled_checkpoint_beats_the_degraded_input_on_heldout_people(heldout_r
     for output in ("generic", "identity", "generic, input's colours", "identity, input's colours"):
         assert results[output]["psnr"] > results["input"]["psnr"], results
         assert results[output]["ssim"] > results["input"]["ssim"], results
-    # why the pipeline keeps the input's colours by default: this model's own colours drift
+    # the pipeline keeps the input's colours by default: nearer the truth than this model's own, which drift
     for output in ("generic", "identity"):
-        assert results[f"{output}, input's colours"]["psnr"] > results[output]["psnr"] + 0.1, results
+        assert results[f"{output}, input's colours"]["psnr"] > results[output]["psnr"], results
     assert cv2.imread(str(grid)).shape == (8 * 256, 4 * 256, 3)
 
 
