@@ -1,7 +1,9 @@
 """``make demo``: restore the bundled example photos, generic and with a bundled identity.
 
-Writes demo_output/<photo>_before_after.png (input | generic | with the identity), the
-identity dictionary built from examples/refs/obama, and the example clip restored tracked.
+Writes demo_output/<photo>_before_after.png (input | generic | with the identity),
+<photo>_faces.png (the same three, close up on each face: in a group photo the faces are too
+small to judge at full size), the identity dictionary built from examples/refs/obama, and the
+example clip restored tracked.
 """
 from __future__ import annotations
 
@@ -26,6 +28,20 @@ def _labelled(pixels: np.ndarray, label: str) -> np.ndarray:
     return rgb
 
 
+def _close_ups(panels: list[np.ndarray], boxes: list[np.ndarray], size: int = 256) -> np.ndarray:
+    """One row per face: the square around its box, 1.6x its size, cut from each panel alike."""
+    height, width = panels[0].shape[:2]
+    rows = []
+    for x1, y1, x2, y2 in boxes:
+        half = 0.8 * max(x2 - x1, y2 - y1)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        left, top = int(max(cx - half, 0)), int(max(cy - half, 0))
+        right, bottom = int(min(cx + half, width)), int(min(cy + half, height))
+        rows.append(np.hstack([cv2.resize(p[top:bottom, left:right], (size, size), interpolation=cv2.INTER_CUBIC)
+                               for p in panels]))
+    return np.vstack(rows)
+
+
 def main(out_dir: str = "demo_output") -> int:
     try:
         model = load_model()
@@ -40,12 +56,17 @@ def main(out_dir: str = "demo_output") -> int:
     for path in list_images([EXAMPLES / "photos"]):
         picture = read_image(path)
         detections = restorer.helper.find([picture])
-        panels = [_labelled(picture.pixels, "input")]
+        pictures, labels = [picture.pixels], ["input"]
         for label, identities in (("generic", ()), ("identity", (identity,))):
             result = restorer.run([picture], identities=identities, detections=detections)[0]
             names = sorted({f.identity.name for f in result.faces if f.identity is not None})
-            panels.append(_labelled(result.pixels, label + (f" ({', '.join(names)})" if names else "")))
-        write_image(out / f"{path.stem}_before_after.png", np.hstack(panels))
+            pictures.append(result.pixels)
+            labels.append(label + (f" ({', '.join(names)})" if names else ""))
+        write_image(out / f"{path.stem}_before_after.png",
+                    np.hstack([_labelled(p, label) for p, label in zip(pictures, labels)]))
+        if result.faces:
+            boxes = [f.aligned.face.box for f in result.faces]
+            write_image(out / f"{path.stem}_faces.png", _close_ups(pictures, boxes))
         print(f"{out / (path.stem + '_before_after.png')}: {len(result.faces)} face(s)", file=sys.stderr)
     for clip in sorted((EXAMPLES / "video").glob("*.mp4")):
         report = restore_video(restorer, clip, out / clip.name, identities=[identity])

@@ -51,14 +51,19 @@ def test_make_demo_restores_the_examples_offline(tmp_path, monkeypatch, capsys):
     assert "(bundled demo)" in err
     pictures = sorted((tmp_path / "out").glob("*_before_after.png"))
     assert [p.name for p in pictures] == ["family_before_after.png", "obama_lowres_before_after.png"]
-    for path in pictures:  # input | generic | identity, labels in the top 32 rows
-        panels = cv2.imread(str(path))[32:]
-        third = panels.shape[1] // 3
-        inp, generic, with_identity = (panels[:, i * third:(i + 1) * third] for i in range(3))
-        changed = cv2.absdiff(inp, generic).max(axis=2) > 8  # where restoration moved a pixel by > 8 levels
-        assert changed.mean() > 0.01, path.name  # the faces (2.6% of the family photo, 17% of obama's)
-        if path.name.startswith("obama"):  # the one person with references: the identity changes the face
-            assert (cv2.absdiff(generic, with_identity).max(axis=2) > 4).mean() > 0.001
+    for stem, faces in (("family", 3), ("obama_lowres", 1)):
+        full = cv2.imread(str(tmp_path / "out" / f"{stem}_before_after.png"))[32:]  # labels in the top 32 rows
+        close = cv2.imread(str(tmp_path / "out" / f"{stem}_faces.png"))  # a 256 px row per face
+        assert close.shape == (faces * 256, 3 * 256, 3), stem
+        # share of pixels the generic restoration moved by > 2 levels: the faces are 2.6% of the family photo
+        for panels, share in ((full, 0.01), (close, 0.2)):  # input | generic | identity
+            third = panels.shape[1] // 3
+            inp, generic, with_identity = (panels[:, i * third:(i + 1) * third] for i in range(3))
+            assert (cv2.absdiff(inp, generic).max(axis=2) > 2).mean() > share, stem
+            if stem == "obama_lowres":  # the one person with references: the identity changes the face
+                assert (cv2.absdiff(generic, with_identity).max(axis=2) > 4).mean() > 0.001
+            else:  # nobody in the family photo is obama: the identity run leaves every face generic
+                assert (generic == with_identity).all()
     assert (tmp_path / "out" / "obama.safetensors").is_file()
     assert "obama_jitter.mp4: 24 frames (track 0: frames 0-23, obama)" in err  # the clip: one person, one identity
     assert (tmp_path / "out" / "obama_jitter.mp4").stat().st_size > 10000
