@@ -53,8 +53,13 @@ OPTION_RULES = {
     "kernel_list": list_of(one_of(*KERNELS)), "kernel_prob": list_of(number(0, 1)),
     "blur_sigma": value_range(0, 100), "downsample_range": value_range(0.25, 64), "noise_range": value_range(0, 255),
     "jpeg_range": value_range(1, 100), "color_jitter_prob": number(0, 1), "color_jitter_shift": number(0, 255),
-    "gray_prob": number(0, 1),
+    "gray_prob": number(0, 1), "warp_prob": number(0, 1), "self_ref_prob": number(0, 1),
 }
+# Largest random similarity warp: shift in px, scale change, rotation in degrees. Real crops are
+# never aligned exactly; a few hundred faces seen at slightly different places, sizes and angles
+# teach the model less of each face by heart (it restored training people 1.3 dB above their
+# input and held-out people only 0.7 dB above, docs/training_demo.md).
+WARP_LIMITS = (12.0, 0.05, 5.0)
 
 
 def check_dataset_options(opt: dict) -> None:
@@ -88,6 +93,25 @@ def flip(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(img[:, ::-1]), flipped
 
 
+def chance(p: float) -> bool:
+    """True with probability ``p``; draws nothing at 0, so validation's seeded draws stay as they were."""
+    return p > 0 and random.random() < p
+
+
+def warp(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A random similarity warp within ``WARP_LIMITS``; each box keeps its centre on the same
+    feature and scales with the face (its corners are not rotated: the boxes stay upright)."""
+    shift, scale, degrees = WARP_LIMITS
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), random.uniform(-degrees, degrees), 1 + random.uniform(-scale, scale))
+    m[:, 2] += [random.uniform(-shift, shift), random.uniform(-shift, shift)]
+    out = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * math.hypot(m[0, 0], m[0, 1])
+    moved = centres @ m[:, :2].T + m[:, 2]
+    return out, np.round(np.hstack((moved - half, moved + half))).astype(boxes.dtype)
+
+
 def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     """JPEG round trip of a float RGB image (BasicSR's helper hands OpenCV float pixels and a
     float quality, which OpenCV 4.x rejects)."""
@@ -104,7 +128,11 @@ class DMDNetFaceDataset(data.Dataset):
     of folders or of {path, landmarks_root, layout: auto | identities | plain | person}; num_refs (3), use_hflip (true),
     include_identities / exclude_identities (lists of folder names), blur_kernel_size (41),
     kernel_list, kernel_prob, blur_sigma, downsample_range, noise_range, jpeg_range,
-    color_jitter_prob, color_jitter_shift, gray_prob, deterministic (false; true for validation).
+    color_jitter_prob, color_jitter_shift, gray_prob, deterministic (false; true for validation),
+    warp_prob (0: each face and reference gets a small random warp, ``WARP_LIMITS``),
+    self_ref_prob (0: one reference, or all of them for a face without a person folder, is the
+    target itself, warped, so the identity branch learns to read its references: otherwise it
+    can follow the generic branch and lose nothing).
     """
 
     def __init__(self, opt: dict) -> None:
@@ -160,9 +188,24 @@ class DMDNetFaceDataset(data.Dataset):
         return img, boxes
 
     def _augment(self, img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if chance(self.opt.get("warp_prob", 0.0)):
+            img, boxes = warp(img, boxes)
         if self.opt.get("use_hflip", True) and random.random() < 0.5:
             return flip(img, boxes)
         return img, boxes
+
+    def _references(self, index: int, gt: np.ndarray, boxes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``num_refs`` other photos of the target's person (none for a plain face), one of them
+        (or all, for a plain face) replaced by the target under a warp at ``self_ref_prob``."""
+        ident = self.samples[index][1]
+        others = [i for i in self.by_identity.get(ident, []) if i != index] if ident else []
+        chosen = (random.sample(others, self.num_refs) if len(others) >= self.num_refs
+                  else random.choices(others, k=self.num_refs)) if others else []
+        refs = [self._augment(*self._load(i)) for i in chosen]
+        if chance(self.opt.get("self_ref_prob", 0.0)):
+            own = [warp(gt, boxes) for _ in range(1 if refs else self.num_refs)]
+            refs = own + refs[len(own):]
+        return refs
 
     def degrade(self, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """GFPGAN's blind degradation: blur, downsample, noise, JPEG, colour jitter, gray."""
@@ -198,14 +241,11 @@ class DMDNetFaceDataset(data.Dataset):
             np.random.seed(index)
         gt, boxes = self._augment(*self._load(index))
         lq, gt = self.degrade(gt)
-        path, ident, _ = self.samples[index]
+        path = self.samples[index][0]
         item = {"lq": self._tensor(lq), "gt": self._tensor(gt), "boxes": torch.from_numpy(boxes).long(),
                 "gt_path": str(path)}
         if self.num_refs:
-            others = [i for i in self.by_identity.get(ident, []) if i != index] if ident else []
-            chosen = (random.sample(others, self.num_refs) if len(others) >= self.num_refs
-                      else random.choices(others, k=self.num_refs)) if others else []
-            refs = [self._augment(*self._load(i)) for i in chosen]
+            refs = self._references(index, gt, boxes)
             item["has_refs"] = torch.tensor(bool(refs))
             item["refs"] = (torch.stack([self._tensor(r) for r, _ in refs]) if refs
                             else torch.zeros(self.num_refs, 3, CROP_SIZE, CROP_SIZE))

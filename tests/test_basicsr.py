@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -20,7 +21,7 @@ from parity_inputs import read_face
 
 pytest.importorskip("basicsr")
 
-from basicsr_arch.dmdnet_dataset import DMDNetFaceDataset, flip  # noqa: E402
+from basicsr_arch.dmdnet_dataset import WARP_LIMITS, DMDNetFaceDataset, flip, warp  # noqa: E402
 
 from dmdnet_plugin import load_model  # noqa: E402
 from dmdnet_plugin.align import TEMPLATE_BOXES  # noqa: E402
@@ -167,6 +168,54 @@ def test_flip_mirrors_boxes_and_keeps_the_left_eye_first():
     assert flipped_img[y1:y2, x1:x2].sum() == img[90:130, 40:80].sum() > 0
 
 
+def test_warp_moves_the_boxes_with_the_face():
+    """Marks at each box's centre stay at the centre of the warped boxes, which scale with the face."""
+    boxes = np.array([[140, 200, 220, 260], [300, 200, 380, 260], [220, 260, 290, 330], [180, 340, 330, 420]])
+    img = np.zeros((512, 512, 3), np.float32)
+    for x1, y1, x2, y2 in boxes:
+        img[(y1 + y2) // 2 - 3:(y1 + y2) // 2 + 3, (x1 + x2) // 2 - 3:(x1 + x2) // 2 + 3] = 1
+    moved_any = False
+    for seed in range(5):
+        random.seed(seed)
+        out, moved = warp(img, boxes)
+        assert out.shape == img.shape and img.max() == 1 and img.sum() == 4 * 36 * 3  # input untouched
+        for (x1, y1, x2, y2), old in zip(moved, boxes):
+            ys, xs = np.nonzero(out[y1:y2, x1:x2, 0] > 0.5)
+            assert abs(xs.mean() - (x2 - x1) / 2) < 2 and abs(ys.mean() - (y2 - y1) / 2) < 2
+            ratio = (x2 - x1) / (old[2] - old[0])
+            assert 1 - WARP_LIMITS[1] - 0.05 < ratio < 1 + WARP_LIMITS[1] + 0.05
+        moved_any |= bool(np.abs(moved - boxes).max() >= 2)
+    assert moved_any
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean difference of two faces at 8 px: small for a warped copy (at most 0.09 in 56 draws on
+    these faces), large for another photo of the person (at least 0.17: light, background, pose)."""
+    small = [torch.nn.functional.interpolate(x[None], size=8, mode="area") for x in (a, b)]
+    return float((small[0] - small[1]).abs().mean())
+
+
+def test_self_references_are_the_target_moved_a_little(tmp_path):
+    base = {"name": "t", "num_refs": 2, "use_hflip": False, "downsample_range": [2, 3], "noise_range": [0, 5],
+            "jpeg_range": [80, 90], "phase": "train"}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(DATA / "celebref" / "00022" / "10.jpg", plain / "a.jpg")
+    roots = [str(DATA / "celebref"), {"path": str(plain), "layout": "plain"}]
+    ds = DMDNetFaceDataset({**base, "dataroots": roots, "self_ref_prob": 1.0})
+    for i in range(len(ds)):
+        item = ds[i]
+        target = read_face(Path(item["gt_path"]))
+        diff = [_difference(ref, target) for ref in item["refs"]]
+        if Path(item["gt_path"]).parent == plain:  # no other photo of this person: every reference is it
+            assert item["has_refs"] and max(diff) < 0.13
+            assert float((item["refs"][0] - item["refs"][1]).abs().mean()) > 0.01  # each warped its own way
+        else:  # one is the target, the other another photo of the person
+            assert diff[0] < 0.13 < diff[1] and float((item["refs"][0] - target).abs().mean()) > 0.01
+    without = DMDNetFaceDataset({**base, "dataroots": roots})
+    assert not without[len(without) - 1]["has_refs"]  # the plain face has no references by default
+
+
 def test_landmarks_command_caches_files_the_dataset_reads(tmp_path):
     folder = tmp_path / "person"
     shutil.copytree(DATA / "celebref" / "00022", folder, ignore=shutil.ignore_patterns("*.txt"))
@@ -207,6 +256,7 @@ def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
     ({"jpeg_range": [90, 60]}, r"datasets.train.jpeg_range: got \[90, 60\] \(list\), expected a \[low, high\] pair with 1 <= low <= high <= 100"),
     ({"num_refs": "2"}, r"datasets.train.num_refs: got '2' \(str\), expected an integer in \[0, 64\]"),
     ({"kernel_prob": [1.0]}, r"datasets.train.kernel_prob: got 1 probabilities for 2 kernels"),
+    ({"self_ref_prob": 1.5}, r"datasets.train.self_ref_prob: got 1.5 \(float\), expected a number in \[0, 1\]"),
 ])
 def test_dataset_options_say_which_option_is_wrong(change, message):
     opt = {**yaml.safe_load(TINY.read_text())["datasets"]["train"], "phase": "train", **change}
