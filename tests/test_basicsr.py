@@ -190,7 +190,7 @@ def test_warp_moves_the_boxes_with_the_face():
 
 def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean difference of two faces at 8 px: small for a warped copy (at most 0.09 in 56 draws on
-    these faces), large for another photo of the person (at least 0.17: light, background, pose)."""
+    these faces), large for another photo of the person (at least 0.16: light, background, pose)."""
     small = [torch.nn.functional.interpolate(x[None], size=8, mode="area") for x in (a, b)]
     return float((small[0] - small[1]).abs().mean())
 
