@@ -44,10 +44,15 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.asarray(points, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
 
 
+def matrix_scale(matrix: np.ndarray) -> float:
+    """How much a similarity transform enlarges (above 1) or shrinks an image."""
+    return float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+
+
 def warp_face(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """The 512x512 aligned crop. Faces much larger than the crop are first shrunk by area
     averaging, so that the bilinear warp does not alias."""
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    scale = matrix_scale(matrix)
     shrink = int(1 / scale) if scale < 0.5 else 1
     if shrink > 1:
         h, w = rgb.shape[:2]

@@ -17,7 +17,7 @@ from .atomic import atomic_path
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, get_backend
 from .identity import IdentityDictionary, IdentityError
-from .io import IMAGE_EXTENSIONS, ImageError, list_images, read_image, write_image
+from .io import IMAGE_EXTENSIONS, ImageError, list_images, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import Mode, Restorer, save_faces
 from .runtime import PRECISIONS
@@ -176,6 +176,43 @@ def cmd_landmarks(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_crops(args) -> int:
+    """Cut the largest face of each photo to an aligned 512x512 training crop with its landmarks,
+    keeping subfolders (one per person for BasicSR's ``identities`` layout). A face that would be
+    enlarged more than ``--max-upscale`` is left out: an enlarged face is a blurred target."""
+    from .faces import landmark_path, write_landmarks
+
+    helper = FaceHelper(get_backend(args.detector, args.face_models))
+    out = Path(args.output)
+    lm_root = Path(args.landmarks_root) if args.landmarks_root else None
+    jobs = [(src, Path(item)) for item in args.inputs for src in list_images([item])]
+    written = small = failed = 0
+    for src, root in tqdm(jobs, desc="crops", unit="image", disable=not sys.stderr.isatty()):
+        target = out / (src.relative_to(root) if root.is_dir() else Path(src.name)).with_suffix(".png")
+        try:
+            if target.resolve() == src.resolve():
+                raise ImageError(f"{src}: the crop would overwrite it; choose another output folder")
+            picture = read_image(src)
+            faces = helper.backend.detect(picture.rgb8())
+            if not faces:
+                raise ImageError(f"{src}: no face found")
+            face = helper.align(picture.rgb(), faces[0])
+            if face.enlargement > args.max_upscale:
+                small += 1
+                _error(f"{src}: face left out, it would be enlarged {face.enlargement:.2f}x "
+                       f"(more than --max-upscale {args.max_upscale})")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_image(target, to_uint8(face.crop))
+            write_landmarks(landmark_path(target, out, lm_root), face.crop_landmarks)
+            written += 1
+        except ImageError as exc:
+            failed += 1
+            _error(str(exc))
+    print(f"{written} crops written, {small} faces too small, {failed} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_weights_download(args) -> int:
     target = Path(args.to) / "DMDNet.pth" if args.to else None
     path = download_official(args.url, target)
@@ -250,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks-root", help="write under this folder, mirroring each input folder (for read-only data)")
     _detector_args(p)
     p.set_defaults(func=cmd_landmarks)
+
+    p = sub.add_parser("crops", help="cut aligned 512x512 training crops with landmarks from photos")
+    p.add_argument("inputs", nargs="+", help="photos or folders (searched recursively; subfolders are kept)")
+    p.add_argument("-o", "--output", required=True, help="folder for NAME.png crops and NAME.png.txt landmarks")
+    p.add_argument("--max-upscale", type=float, default=1.3,
+                   help="leave out faces the crop would enlarge more than this (default 1.3)")
+    p.add_argument("--landmarks-root", help="write landmark files under this folder instead, mirroring the output")
+    _detector_args(p)
+    p.set_defaults(func=cmd_crops)
 
     weights = sub.add_parser("weights", help="find or fetch checkpoints").add_subparsers(dest="action", required=True)
     p = weights.add_parser("download", help="fetch the authors' DMDNet.pth into the cache (the only network use)")

@@ -12,7 +12,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .align import TEMPLATE_68, alignment_matrix, component_boxes, face_mask, paste_face, transform_points, warp_face
+from .align import (
+    TEMPLATE_68, alignment_matrix, component_boxes, face_mask, matrix_scale, paste_face, transform_points, warp_face,
+)
 from .components import CROP_SIZE
 from .faces import DlibBackend, Face, get_backend
 from .io import Picture, to_uint8
@@ -31,6 +33,11 @@ class AlignedFace:
     boxes_from: str  # "landmarks" or "template"
     source_index: int = 0  # which image of a batch the face is in
     track: int | None = None  # which track of a clip (:mod:`tracking`); None for photos
+
+    @property
+    def enlargement(self) -> float:
+        """How much the crop enlarges the face (above 1: the crop is softer than the photo)."""
+        return matrix_scale(self.matrix)
 
     @property
     def crop_landmarks(self) -> np.ndarray:

@@ -1,6 +1,7 @@
 """BasicSR integration: real training runs of `basicsr_arch/train.py` on CPU, resume, DDP, data."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -12,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,12 +26,16 @@ pytest.importorskip("basicsr")
 from basicsr_arch.dmdnet_dataset import WARP_LIMITS, DMDNetFaceDataset, flip, warp  # noqa: E402
 
 from dmdnet_plugin import load_model  # noqa: E402
-from dmdnet_plugin.align import TEMPLATE_BOXES  # noqa: E402
+from dmdnet_plugin.align import FFHQ_5, TEMPLATE_BOXES, five_points  # noqa: E402
 from dmdnet_plugin.cli import main as cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "options" / "test_dmdnet_tiny.yml"
 BIN = Path(sys.executable).parent
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -226,6 +232,38 @@ def test_landmarks_command_caches_files_the_dataset_reads(tmp_path):
         assert ours.shape == (68, 2) and np.linalg.norm(ours - authors, axis=1).mean() < 12
     ds = DMDNetFaceDataset({"name": "t", "dataroot_gt": str(tmp_path), "num_refs": 1, "phase": "train"})
     assert ds[0]["boxes"].tolist() != TEMPLATE_BOXES.tolist()
+
+
+def test_crops_align_photos_into_training_folders_and_leave_out_small_faces(tmp_path, capsys):
+    face = cv2.imread(str(DATA / "celebref" / "00005" / "0.jpg"))
+    turn = cv2.getRotationMatrix2D((256, 256), 12, 0.9)
+    turn[:, 2] += (150, 60)
+    person = tmp_path / "raw" / "person"
+    person.mkdir(parents=True)
+    cv2.imwrite(str(person / "face.jpg"), face)
+    cv2.imwrite(str(person / "turned.png"), cv2.warpAffine(face, turn, (760, 640), borderMode=cv2.BORDER_REFLECT))
+    (person / "family.jpg").write_bytes((DATA / "photos" / "family.jpg").read_bytes())
+    (tmp_path / "raw" / "broken.jpg").write_bytes(b"not an image")
+    before = {p: sha256(p) for p in (tmp_path / "raw").rglob("*.*")}
+
+    assert cli(["crops", str(tmp_path / "raw"), "-o", str(tmp_path / "crops")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'raw' / 'broken.jpg'}: " in err
+    assert re.search(rf"{re.escape(str(person / 'family.jpg'))}: face left out, it would be enlarged \d", err)
+    assert "2 crops written, 1 faces too small, 1 images failed" in err
+    crops = {p.name: cv2.imread(str(p)).astype(float) for p in (tmp_path / "crops" / "person").glob("*.png")}
+    assert sorted(crops) == ["face.png", "turned.png"]
+    assert 10 * np.log10(255 ** 2 / ((crops["face.png"] - crops["turned.png"]) ** 2).mean()) > 24  # turn undone
+    landmarks = np.loadtxt(tmp_path / "crops" / "person" / "turned.png.txt")
+    assert np.linalg.norm(five_points(landmarks) - FFHQ_5, axis=1).mean() < 6
+    assert {p: sha256(p) for p in before} == before
+    ds = DMDNetFaceDataset({"name": "t", "dataroots": [{"path": str(tmp_path / "crops"), "layout": "identities"}],
+                            "num_refs": 1, "phase": "train"})
+    assert len(ds) == 2 and len(ds.by_identity) == 1
+    assert ds[0]["boxes"].tolist() != TEMPLATE_BOXES.tolist()
+
+    assert cli(["crops", str(person / "turned.png"), "-o", str(person)]) == 1
+    assert "the crop would overwrite it" in capsys.readouterr().err
 
 
 def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
