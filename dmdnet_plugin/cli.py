@@ -8,16 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from .atomic import atomic_path
 from .face_helper import MIN_FACE, FaceHelper
-from .faces import DETECTORS, get_backend
+from .faces import DETECTORS, DlibBackend, Face, get_backend, landmark_path, write_landmarks
 from .identity import IdentityDictionary, IdentityError
-from .io import IMAGE_EXTENSIONS, ImageError, list_images, read_image, to_uint8, write_image
+from .io import IMAGE_EXTENSIONS, ImageError, Picture, list_images, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import Mode, Restorer, save_faces
 from .runtime import PRECISIONS
@@ -151,66 +152,71 @@ def cmd_identity_show(args) -> int:
     return 0
 
 
+def _for_each_image(items: Sequence[str], desc: str, work: Callable[[Path, Path], str]) -> Counter:
+    """``work(image, the folder it was found in)`` on every image given or found in a given folder;
+    it returns what it did. An unusable image is one line naming it, counted as "failed"."""
+    done: Counter = Counter()
+    jobs = [(src, Path(item)) for item in items for src in list_images([item])]
+    for src, root in tqdm(jobs, desc=desc, unit="image", disable=not sys.stderr.isatty()):
+        try:
+            done[work(src, root)] += 1
+        except ImageError as exc:
+            done["failed"] += 1
+            _error(str(exc))
+    return done
+
+
+def _largest_face(backend: DlibBackend, src: Path, picture: Picture) -> Face:
+    faces = backend.detect(picture.rgb8())
+    if not faces:
+        raise ImageError(f"{src}: no face found")
+    return faces[0]
+
+
 def cmd_landmarks(args) -> int:
     """Cache 68-point landmarks beside training images (NAME.png.txt, the authors' format)."""
-    from .faces import landmark_path, write_landmarks
-
     backend = get_backend(args.detector, args.face_models)
     lm_root = Path(args.landmarks_root) if args.landmarks_root else None
-    jobs = [(src, Path(folder)) for folder in args.folders for src in list_images([folder])]
-    written = failed = 0
-    for src, root in tqdm(jobs, desc="landmarks", unit="image", disable=not sys.stderr.isatty()):
+
+    def landmarks(src: Path, root: Path) -> str:
         target = landmark_path(src, root if root.is_dir() else src.parent, lm_root)
         if target.exists() and not args.overwrite:
-            continue
-        try:
-            faces = backend.detect(read_image(src).rgb8())
-            if not faces:
-                raise ImageError(f"{src}: no face found")
-            write_landmarks(target, faces[0].landmarks)
-            written += 1
-        except ImageError as exc:
-            failed += 1
-            _error(str(exc))
-    print(f"{written} landmark files written, {failed} images without a face", file=sys.stderr)
-    return 1 if failed else 0
+            return "kept"
+        write_landmarks(target, _largest_face(backend, src, read_image(src)).landmarks)
+        return "written"
+
+    done = _for_each_image(args.folders, "landmarks", landmarks)
+    print(f"{done['written']} landmark files written, {done['failed']} images without a face", file=sys.stderr)
+    return 1 if done["failed"] else 0
 
 
 def cmd_crops(args) -> int:
     """Cut the largest face of each photo to an aligned 512x512 training crop with its landmarks,
     keeping subfolders (one per person for BasicSR's ``identities`` layout). A face that would be
     enlarged more than ``--max-upscale`` is left out: an enlarged face is a blurred target."""
-    from .faces import landmark_path, write_landmarks
-
     helper = FaceHelper(get_backend(args.detector, args.face_models))
     out = Path(args.output)
     lm_root = Path(args.landmarks_root) if args.landmarks_root else None
-    jobs = [(src, Path(item)) for item in args.inputs for src in list_images([item])]
-    written = small = failed = 0
-    for src, root in tqdm(jobs, desc="crops", unit="image", disable=not sys.stderr.isatty()):
+
+    def crop(src: Path, root: Path) -> str:
         target = out / (src.relative_to(root) if root.is_dir() else Path(src.name)).with_suffix(".png")
-        try:
-            if target.resolve() == src.resolve():
-                raise ImageError(f"{src}: the crop would overwrite it; choose another output folder")
-            picture = read_image(src)
-            faces = helper.backend.detect(picture.rgb8())
-            if not faces:
-                raise ImageError(f"{src}: no face found")
-            face = helper.align(picture.rgb(), faces[0])
-            if face.enlargement > args.max_upscale:
-                small += 1
-                _error(f"{src}: face left out, it would be enlarged {face.enlargement:.2f}x "
-                       f"(more than --max-upscale {args.max_upscale})")
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_image(target, to_uint8(face.crop))
-            write_landmarks(landmark_path(target, out, lm_root), face.crop_landmarks)
-            written += 1
-        except ImageError as exc:
-            failed += 1
-            _error(str(exc))
-    print(f"{written} crops written, {small} faces too small, {failed} images failed", file=sys.stderr)
-    return 1 if failed else 0
+        if target.resolve() == src.resolve():
+            raise ImageError(f"{src}: the crop would overwrite it; choose another output folder")
+        picture = read_image(src)
+        face = helper.align(picture.rgb(), _largest_face(helper.backend, src, picture))
+        if face.enlargement > args.max_upscale:
+            _error(f"{src}: face left out, it would be enlarged {face.enlargement:.2f}x "
+                   f"(more than --max-upscale {args.max_upscale})")
+            return "small"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_image(target, to_uint8(face.crop))
+        write_landmarks(landmark_path(target, out, lm_root), face.crop_landmarks)
+        return "written"
+
+    done = _for_each_image(args.inputs, "crops", crop)
+    print(f"{done['written']} crops written, {done['small']} faces too small, {done['failed']} images failed",
+          file=sys.stderr)
+    return 1 if done["failed"] else 0
 
 
 def cmd_weights_download(args) -> int:
