@@ -22,7 +22,7 @@ from basicsr.data import degradations
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
-from dmdnet_plugin.align import TEMPLATE_BOXES
+from dmdnet_plugin.align import TEMPLATE_BOXES, matrix_scale, transform_points
 from dmdnet_plugin.components import CROP_SIZE, boxes_from_landmarks
 from dmdnet_plugin.faces import landmark_path, read_landmarks
 from dmdnet_plugin.io import IMAGE_EXTENSIONS
@@ -107,8 +107,8 @@ def warp(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m[:, 2] += [random.uniform(-shift, shift), random.uniform(-shift, shift)]
     out = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * math.hypot(m[0, 0], m[0, 1])
-    moved = centres @ m[:, :2].T + m[:, 2]
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * matrix_scale(m)
+    moved = transform_points(centres, m)
     return out, np.round(np.hstack((moved - half, moved + half))).astype(boxes.dtype)
 
 
