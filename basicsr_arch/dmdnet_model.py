@@ -3,8 +3,9 @@
 The generic dictionaries are parameters (``network_g.trainable_dictionary: true``). Each face
 brings its own references, whose identity dictionary is built inside the generator's forward
 pass, so the reference encoder trains together with the rest. Losses, all optional in the yml:
-L1, perceptual + style (VGG19, BasicSR's local-weights convention), adversarial with a global
-and optional eye / mouth discriminators, and an identity loss on a frozen embedding network.
+L1, a pixel loss on the eye and mouth crops (where the dictionaries act), perceptual + style
+(VGG19, BasicSR's local-weights convention), adversarial with a global and optional eye / mouth
+discriminators, and an identity loss on a frozen embedding network.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .option_checks import (
     FLAG, SECTION, TEXT, OptionError, Rule, check_options, existing_file, list_of, mapping, number, one_of,
 )
 
-COMPONENT_DS = {"d_eye": ("le", "re"), "d_mouth": ("mo",)}  # discriminator -> components it judges
+COMPONENT_DS = {"d_eye": ("le", "re"), "d_mouth": ("mo",)}  # discriminator -> components it judges; also the component loss's crop groups
 LOSS = Rule("a loss section with a type", lambda v: isinstance(v, dict) and isinstance(v.get("type"), str))
 OPTIM_RULES = {
     "type": one_of("Adam", "AdamW", "Adamax", "SGD", "ASGD", "RMSprop", "Rprop"),
@@ -48,7 +49,7 @@ SCHEDULER_RULES = {
 TRAIN_RULES = {
     "ema_decay": number(0, 1), "optim_g": SECTION, "optim_d": SECTION, "scheduler": SECTION,
     "total_iter": number(1, integer=True), "warmup_iter": number(-1, integer=True),
-    "pixel_opt": LOSS, "perceptual_opt": LOSS, "identity_opt": SECTION, "gan_opt": LOSS,
+    "pixel_opt": LOSS, "component_opt": LOSS, "perceptual_opt": LOSS, "identity_opt": SECTION, "gan_opt": LOSS,
     "autocast": Rule("bf16, or nothing for fp32", lambda v: v in ("bf16", False)), "lr_mult": mapping(TEXT, number(1e-6, 1e6)),
 }
 NETWORK_RULES = {"type": one_of("DMDNet"), "ngf": number(4, 512, integer=True),
@@ -167,6 +168,8 @@ class DMDNetModel(BaseModel):
             else:
                 self.model_ema(0)
         self.cri_pix = build_loss(train_opt["pixel_opt"]).to(self.device) if train_opt.get("pixel_opt") else None
+        self.cri_component = build_loss(train_opt["component_opt"]).to(self.device) \
+            if train_opt.get("component_opt") else None
         self.cri_perceptual = None
         if train_opt.get("perceptual_opt"):
             if not os.path.exists(VGG_PRETRAIN_PATH):
@@ -220,17 +223,18 @@ class DMDNetModel(BaseModel):
         self.has_refs = data["has_refs"].to(self.device) if with_refs and "has_refs" in data else None
 
     @staticmethod
-    def _component_crops(img: torch.Tensor, boxes: torch.Tensor, label: str) -> torch.Tensor:
-        """Eye crops (right eyes mirrored to look like left ones) or mouth crops, batched."""
+    def _component_crops(img: torch.Tensor, boxes: torch.Tensor, components: tuple[str, ...]) -> torch.Tensor:
+        """Crops of same-sized components (both eyes, right ones mirrored to look like left ones;
+        or the mouth), batched, at crop pixels."""
         crops = []
-        for comp in COMPONENT_DS[label]:
+        for comp in components:
             crop = crop_resize(img, boxes[:, COMPONENT_INDEX[comp]], 1, PART_SIZES[comp])
             crops.append(crop.flip(3) if comp == "re" else crop)
         return torch.cat(crops)
 
     def _judge(self, label: str, img: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         net = self.discriminators[label]
-        return net(img if label == "d" else self._component_crops(img, boxes, label))
+        return net(img if label == "d" else self._component_crops(img, boxes, COMPONENT_DS[label]))
 
     def _outputs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Branch -> (output, ground truth, boxes); the identity branch only for faces with references."""
@@ -256,6 +260,10 @@ class DMDNetModel(BaseModel):
             terms = {}
             if self.cri_pix:
                 terms["l_pix"] = self.cri_pix(out, gt)
+            if self.cri_component:  # the eyes and mouth are a few percent of the pixels, yet where the dictionaries act
+                terms["l_component"] = sum(
+                    self.cri_component(self._component_crops(out, boxes, parts), self._component_crops(gt, boxes, parts))
+                    for parts in COMPONENT_DS.values())
             if self.cri_perceptual:
                 percep, style = self.cri_perceptual(out, gt)
                 terms.update({k: v for k, v in (("l_percep", percep), ("l_style", style)) if v is not None})

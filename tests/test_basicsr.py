@@ -62,6 +62,7 @@ def test_train_validate_load_and_resume_on_cpu(run_name):
     exp = ROOT / "experiments" / run_name
     log = log_text(run_name)
     assert "l_pix_generic" in log and "l_pix_identity" in log and "l_g_gan_d_eye_generic" in log
+    assert "l_component_generic" in log and "l_component_identity" in log
     assert "Validation celebref_tiny_val @ 2: psnr_generic" in log and "psnr_input" in log
     grids = sorted((exp / "visualization" / "celebref_tiny_val").glob("*_2.png"))
     assert len(grids) == 3
@@ -285,6 +286,31 @@ def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
     assert not any(p.requires_grad for p in loss.net.parameters())
 
 
+def test_component_loss_sees_the_eyes_and_mouth_and_nothing_else():
+    from basicsr.losses import build_loss
+    from basicsr_arch.dmdnet_model import COMPONENT_DS, DMDNetModel
+    from dmdnet_plugin.components import sanitize_boxes
+
+    gt = read_face(DATA / "celebref" / "00005" / "0.jpg")[None]
+    boxes = sanitize_boxes(torch.from_numpy(TEMPLATE_BOXES)[None])  # as feed_data gives them
+    l1 = build_loss({"type": "L1Loss", "loss_weight": 1.0})
+
+    def loss(out: torch.Tensor) -> float:  # what DMDNetModel adds as l_component
+        return sum(l1(DMDNetModel._component_crops(out, boxes, p), DMDNetModel._component_crops(gt, boxes, p))
+                   for p in COMPONENT_DS.values()).item()
+
+    def changed(x0: int, y0: int) -> torch.Tensor:
+        out = gt.clone()
+        out[..., y0:y0 + 20, x0:x0 + 20] = 1.0
+        return out
+
+    assert loss(gt) == 0
+    nose = TEMPLATE_BOXES[2]  # le, re, no, mo
+    assert loss(changed(0, 0)) == 0 and loss(changed(int(nose[0]) + 10, int(nose[1]) + 10)) == 0
+    for x0, y0, x1, y1 in TEMPLATE_BOXES[[0, 1, 3]]:
+        assert loss(changed(int(x0 + x1) // 2 - 10, int(y0 + y1) // 2 - 10)) > 0.01
+
+
 @pytest.mark.parametrize("change, message", [
     ({"dataroots": "/data/faces"}, r"datasets.train.dataroots: got '/data/faces' \(str\), expected a list of folders"),
     ({"num_ref": 2}, r"datasets.train.num_ref: unknown option; did you mean 'num_refs'\?"),
@@ -329,6 +355,18 @@ def test_model_options_say_which_option_is_wrong_before_any_work(run_name):
     proc = train(run_name, "datasets:train:dataroots=/data/faces")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: datasets.train.dataroots: got '/data/faces'")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "options").glob("*.yml")), ids=lambda p: p.name)
+def test_every_option_file_passes_the_model_checks(path, monkeypatch):
+    from basicsr_arch.dmdnet_model import check_model_options
+
+    monkeypatch.chdir(ROOT)
+    opt = yaml.safe_load(path.read_text())
+    pretrain = (opt.get("path") or {}).get("pretrain_network_g")
+    if pretrain and pretrain.startswith("experiments/"):  # an earlier stage's output, made by its run
+        opt["path"]["pretrain_network_g"] = None
+    check_model_options(opt)
 
 
 def test_lr_mult_gives_the_identity_modules_their_own_learning_rate():
