@@ -288,16 +288,15 @@ def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
 
 def test_component_loss_sees_the_eyes_and_mouth_and_nothing_else():
     from basicsr.losses import build_loss
-    from basicsr_arch.dmdnet_model import COMPONENT_DS, DMDNetModel
+    from basicsr_arch.dmdnet_model import DMDNetModel
     from dmdnet_plugin.components import sanitize_boxes
 
     gt = read_face(DATA / "celebref" / "00005" / "0.jpg")[None]
     boxes = sanitize_boxes(torch.from_numpy(TEMPLATE_BOXES)[None])  # as feed_data gives them
     l1 = build_loss({"type": "L1Loss", "loss_weight": 1.0})
 
-    def loss(out: torch.Tensor) -> float:  # what DMDNetModel adds as l_component
-        return sum(l1(DMDNetModel._component_crops(out, boxes, p), DMDNetModel._component_crops(gt, boxes, p))
-                   for p in COMPONENT_DS.values()).item()
+    def loss(out: torch.Tensor) -> float:
+        return DMDNetModel._component_loss(l1, out, gt, boxes).item()
 
     def changed(x0: int, y0: int) -> torch.Tensor:
         out = gt.clone()
