@@ -62,7 +62,7 @@ def plot(logs: list[tuple[Path, int]], out: Path) -> None:
                          label=label)
             label = None
     ax_loss.plot([], [], color="none", label=f"(lines: mean of {SMOOTH} logged steps)")
-    ax_loss.set(xlabel="iteration", ylabel="training loss (L1)", yscale="log", title="training loss")
+    ax_loss.set(xlabel="iteration", ylabel="training loss (the run's pixel loss)", yscale="log", title="training loss")
     ax_loss.legend()
     steps = sorted(metrics)
     for name in sorted({k for v in metrics.values() for k in v if k.startswith("psnr_")}):

@@ -58,6 +58,12 @@ def _restorer(args, identities: Sequence[IdentityDictionary] = (), threshold: fl
                     batch_size=batch_size, margin=margin)
 
 
+def _refuse_overwrite(src: Path, dst: Path) -> None:
+    """Inputs are never modified: an output path that is the input itself is an error for that file."""
+    if dst.resolve() == src.resolve():
+        raise ImageError(f"{src}: the output would overwrite the input; choose another output folder (-o)")
+
+
 def cmd_restore(args) -> int:
     if args.only_identities:
         if args.mode not in (Mode.AUTO.value, Mode.ONLY_MATCHED.value):
@@ -79,8 +85,7 @@ def cmd_restore(args) -> int:
         dst = out_dir / src.name
         entry = {"input": str(src), "output": None, "status": "error", "error": None}
         try:
-            if dst.resolve() == src.resolve():
-                raise ImageError(f"{src}: output would overwrite the input; choose another -o folder")
+            _refuse_overwrite(src, dst)
             entry.update((_restore_video if is_video(src) else _restore_photo)(restorer, src, dst, args))
         except (ImageError, IdentityError, OSError) as exc:
             entry["error"] = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
@@ -200,8 +205,7 @@ def cmd_crops(args) -> int:
 
     def crop(src: Path, root: Path) -> str:
         target = out / (src.relative_to(root) if root.is_dir() else Path(src.name)).with_suffix(".png")
-        if target.resolve() == src.resolve():
-            raise ImageError(f"{src}: the crop would overwrite it; choose another output folder")
+        _refuse_overwrite(src, target)
         picture = read_image(src)
         face = helper.align(picture.rgb(), _largest_face(helper.backend, src, picture))
         if face.enlargement > args.max_upscale:

@@ -28,7 +28,7 @@ CHECKPOINT_VERSION = 1
 MAX_HEADER = 8 << 20  # the authors' configuration has about 1,000 tensors: a header of about 150 kB
 # The demo checkpoint that ships inside the package (docs/training_demo.md says how it was made).
 BUNDLED = Path(__file__).resolve().parent / "data" / "dmdnet_demo.safetensors"
-BUNDLED_SHA256 = "bdb00ee49cf9395d950b528a5b6881e679aa62cb1998c76350c44324aeabd249"
+BUNDLED_SHA256 = "be2788331039e4414475564d2e082033208429a0e62a934c29ebb13feb45ef81"
 DEMO_NOTE = ("using the small bundled demo model (trained on a CPU on a few hundred faces, far below the "
              "authors' weights); run `dmdnet weights download` for the authors' DMDNet.pth")
 

@@ -264,7 +264,7 @@ def test_crops_align_photos_into_training_folders_and_leave_out_small_faces(tmp_
     assert ds[0]["boxes"].tolist() != TEMPLATE_BOXES.tolist()
 
     assert cli(["crops", str(person / "turned.png"), "-o", str(person)]) == 1
-    assert "the crop would overwrite it" in capsys.readouterr().err
+    assert "would overwrite the input" in capsys.readouterr().err
 
 
 def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
