@@ -1,4 +1,5 @@
 """ComfyUI entry point when this repository is cloned into ComfyUI/custom_nodes/ (V3: comfy_entrypoint)."""
+
 import os
 import sys
 

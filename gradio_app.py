@@ -2,12 +2,14 @@
 
     python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda] [--share]
 
-Glue around dmdnet_plugin's Restorer (the CLI's pipeline). The model loads once and is
-shared by all requests; the queue runs one restoration at a time.
+Glue around dmdnet_plugin's Restorer (the CLI's pipeline, built by the same factory). The
+model loads once and is shared by all requests; the queue runs one restoration at a time.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,29 +18,18 @@ import cv2
 import gradio as gr
 import numpy as np
 
-from dmdnet_plugin.face_helper import FaceHelper
-from dmdnet_plugin.faces import get_backend
+from dmdnet_plugin.factory import load_restorer
 from dmdnet_plugin.identity import IdentityDictionary, IdentityError
 from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from dmdnet_plugin.pipeline import Mode, Restorer
 from dmdnet_plugin.video import restore_video
-from dmdnet_plugin.weights import WeightsError, load_model
+from dmdnet_plugin.weights import LoadedModel, WeightsError, load_model
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD = "25mb"
 MAX_VIDEO_FRAMES = 300  # about 10 s at 30 fps: a CPU restores a face in about a second
-MODES = [Mode.AUTO.value, Mode.GENERIC.value, Mode.IDENTITY.value, Mode.ONLY_MATCHED.value]
-
-
-@dataclass
-class Settings:
-    weights: str | None = None
-    device: str | None = None
-
-
-SETTINGS = Settings()
-_SHARED: dict = {}
+MODES = [m.value for m in Mode]
 
 
 def photo_input(**kwargs) -> gr.Image:
@@ -57,14 +48,6 @@ def photo_input(**kwargs) -> gr.Image:
 
     component.preprocess = named_errors
     return component
-
-
-def shared_model():
-    """The model and face backend, loaded on first use and shared by every request."""
-    if "model" not in _SHARED:
-        _SHARED["model"] = load_model(SETTINGS.weights, device=SETTINGS.device)
-        _SHARED["backend"] = get_backend()
-    return _SHARED["model"], _SHARED["backend"]
 
 
 def _readable(text: str, paths: list[str]) -> str:
@@ -92,122 +75,180 @@ def _identity(restorer: Restorer, ref_paths: list[str], identity_path: str | Non
     return ident, str(out), [f"reference skipped: {_readable(r, ref_paths)}" for r in rejected]
 
 
-def restore(photo: str | None, ref_paths: list[str] | None, identity_path: str | None, mode: str,
-            upscale: float, strength: float, largest_only: bool, threshold: float = DEFAULT_THRESHOLD,
-            margin: float = DEFAULT_MARGIN, keep_colours: bool = True, progress=gr.Progress()):
-    """Everything the page shows for one request; problems become one readable message."""
-    if not photo:
-        raise gr.Error("Upload a photo first.")
-    ref_paths, chosen = list(ref_paths or []), Mode(mode)
-    try:
-        model, backend = shared_model()
-        restorer = Restorer(model, FaceHelper(backend, only_largest=largest_only), threshold=threshold, margin=margin)
-        picture = read_image(photo)
-        progress(0.1, desc="identity dictionary")
-        ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
-        if chosen is Mode.IDENTITY and ident is None:
-            raise gr.Error("Identity mode needs reference photos or an identity dictionary.")
-        progress(0.3, desc="finding faces")
-        detections = restorer.helper.find([picture])
-        if not detections[0].faces:
+@dataclass(frozen=True)
+class Demo:
+    """The app: the settings it was started with, and what its pages do. The model loads on first use
+    and is shared by every request (and kept when it loaded; a failed load is tried again)."""
+
+    weights: str | None = None
+    device: str | None = None
+    max_video_frames: int = MAX_VIDEO_FRAMES
+
+    @functools.cached_property
+    def model(self) -> LoadedModel:
+        return load_model(self.weights, device=self.device)
+
+    def restore(
+        self,
+        photo: str | None,
+        ref_paths: list[str] | None,
+        identity_path: str | None,
+        mode: str,
+        upscale: float,
+        strength: float,
+        only_largest: bool,
+        threshold: float = DEFAULT_THRESHOLD,
+        margin: float = DEFAULT_MARGIN,
+        keep_colours: bool = True,
+        progress=gr.Progress(),
+    ):
+        """Everything the page shows for one request; problems become one readable message."""
+        if not photo:
+            raise gr.Error("Upload a photo first.")
+        ref_paths = list(ref_paths or [])
+        try:
+            restorer = load_restorer(self.model, threshold=threshold, margin=margin, only_largest=only_largest)
+            picture = read_image(photo)
+            progress(0.1, desc="identity dictionary")
+            ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
+            progress(0.3, desc="finding faces and restoring")
+            generic, with_identity = restorer.compare(
+                picture, mode, [ident] if ident else [], strength, upscale, keep_colours
+            )
+        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
+            raise gr.Error(_readable(str(exc), [photo, *ref_paths, identity_path or ""])) from None
+        if not generic.faces:
             raise gr.Error("No face found in this photo.")
-        runs = {Mode.GENERIC: ()}  # always shown; then the chosen mode, when there is an identity
-        if ident is not None and chosen is not Mode.GENERIC:
-            runs[chosen] = (ident,)
-        results = {}
-        for step, (run_mode, identities) in enumerate(runs.items()):
-            progress(0.4 + 0.3 * step, desc=f"restoring ({run_mode.value})")
-            results[run_mode] = restorer.run([picture], run_mode, identities, strength, upscale,
-                                             detections=detections, colours=keep_colours)[0]
-    except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-        raise gr.Error(_readable(str(exc), [photo, *ref_paths, identity_path or ""])) from None
-    with_identity = results.get(chosen) if chosen is not Mode.GENERIC else None
-    shown = with_identity or results[Mode.GENERIC]
-    out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
-    write_image(out_file, shown.pixels, shown.alpha)
-    after = _display(shown.pixels)
-    restored = [f for f in shown.faces if f.restored is not None]
-    matched = sum(f.identity is not None for f in restored)
-    message = f"{len(restored)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
-    message += "".join(f"; face {i + 1} left as it was ({f.left_as_is})" for i, f in enumerate(shown.faces)
-                       if f.left_as_is)
-    message += "".join(f"\n\n{n}" for n in notes)
-    message += "\n\n" + model.weights_source.notice().replace("\n", "\n\n")
-    return ((_display(picture.pixels, after.shape[1::-1]), after), _display(results[Mode.GENERIC].pixels),
+        shown = with_identity or generic
+        out_file = (
+            Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
+        )
+        write_image(out_file, shown.pixels, shown.alpha)
+        after = _display(shown.pixels)
+        restored = [f for f in shown.faces if f.restored is not None]
+        matched = sum(f.identity is not None for f in restored)
+        message = f"{len(restored)} face(s) restored" + (f", {matched} with the identity dictionary" if ident else "")
+        message += "".join(
+            f"; face {i + 1} left as it was ({f.left_as_is})" for i, f in enumerate(shown.faces) if f.left_as_is
+        )
+        message += "".join(f"\n\n{n}" for n in notes)
+        message += "\n\n" + self.model.notice().replace("\n", "\n\n")
+        return (
+            (_display(picture.pixels, after.shape[1::-1]), after),
+            _display(generic.pixels),
             _display(with_identity.pixels) if with_identity is not None else None,
             [(to_uint8(f.restored), f"face {i + 1}") for i, f in enumerate(restored)],
-            str(out_file), ident_file, message)
+            str(out_file),
+            ident_file,
+            message,
+        )
+
+    def restore_clip(
+        self,
+        video: str | None,
+        ref_paths: list[str] | None,
+        identity_path: str | None,
+        temporal: bool,
+        progress=gr.Progress(),
+    ):
+        """The restored video (always MP4, which browsers play) and a line per track."""
+        if not video:
+            raise gr.Error("Upload a video first.")
+        ref_paths = list(ref_paths or [])
+        try:
+            restorer = load_restorer(self.model)
+            ident, _, notes = _identity(restorer, ref_paths, identity_path)
+            out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(video).stem}.mp4"
+            report = restore_video(
+                restorer,
+                video,
+                out_file,
+                identities=[ident] if ident else [],
+                temporal=temporal,
+                max_frames=self.max_video_frames,
+                progress=lambda status: progress(status.frames_done / max(status.n_frames, 1), desc=status.stage),
+            )
+        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
+            raise gr.Error(_readable(str(exc), [video, *ref_paths, identity_path or ""])) from None
+        lines = [f"{report['frames']} frames at {report['fps']} fps, {report['faces_restored']} faces restored"]
+        for track in report.get("tracks", []):
+            who = track.get("identity") or "generic"
+            lines.append(f"person {track['track'] + 1}: frames {track['frames'][0]}-{track['frames'][1]}, {who}")
+        lines += notes + [self.model.notice()]
+        return str(out_file), "\n\n".join(lines)
 
 
-def restore_clip(video: str | None, ref_paths: list[str] | None, identity_path: str | None, steady: bool,
-                 progress=gr.Progress()):
-    """The restored video (always MP4, which browsers play) and a line per track."""
-    if not video:
-        raise gr.Error("Upload a video first.")
-    ref_paths = list(ref_paths or [])
-    try:
-        model, backend = shared_model()
-        restorer = Restorer(model, FaceHelper(backend))
-        ident, _, notes = _identity(restorer, ref_paths, identity_path)
-        out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(video).stem}.mp4"
-        report = restore_video(restorer, video, out_file, identities=[ident] if ident else [], temporal=steady,
-                               max_frames=MAX_VIDEO_FRAMES,
-                               progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
-    except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-        raise gr.Error(_readable(str(exc), [video, *ref_paths, identity_path or ""])) from None
-    lines = [f"{report['frames']} frames at {report['fps']} fps, {report['faces_restored']} faces restored"]
-    for track in report.get("tracks", []):
-        who = track.get("identity") or "generic"
-        lines.append(f"person {track['track'] + 1}: frames {track['frames'][0]}-{track['frames'][1]}, {who}")
-    lines += notes + [model.weights_source.notice()]
-    return str(out_file), "\n\n".join(lines)
-
-
-def video_tab(example: Path, refs: list[str]) -> None:
+def video_tab(demo: Demo, example: Path, refs: list[str]) -> None:
     """Short clips: faces tracked through the frames, one identity per person."""
     with gr.Row():
         with gr.Column():
-            video = gr.Video(label=f"Video (at most {MAX_VIDEO_FRAMES} frames)", sources=["upload"])
+            video = gr.Video(label=f"Video (at most {demo.max_video_frames} frames)", sources=["upload"])
             references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
             identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
-            steady = gr.Checkbox(True, label="Steady faces (track and smooth over time)",
-                                 info="off: every frame restored on its own, as a photo")
+            temporal = gr.Checkbox(
+                True,
+                label="Temporal: track faces and smooth them over time",
+                info="off: every frame restored on its own, as a photo",
+            )
             run = gr.Button("Restore video", variant="primary")
         with gr.Column():
             result = gr.Video(label="Restored", interactive=False)
             status = gr.Markdown()
-    run.click(restore_clip, [video, references, identity, steady], [result, status], api_name="restore_video")
-    gr.Examples([[str(example), refs, None, True]], [video, references, identity, steady])
+    run.click(demo.restore_clip, [video, references, identity, temporal], [result, status], api_name="restore_video")
+    gr.Examples([[str(example), refs, None, True]], [video, references, identity, temporal])
 
 
-def build_ui() -> gr.Blocks:
+def build_ui(demo: Demo) -> gr.Blocks:
     examples = ROOT / "examples"
     refs = sorted(str(p) for p in (examples / "refs" / "obama").glob("*.jpg"))
-    with gr.Blocks(title="DMDNet face restoration") as demo:
-        gr.Markdown("# DMDNet face restoration\nUpload a photo, and optionally a few good photos of the same person "
-                    "(or a saved identity dictionary) to keep that person's own features.")
+    with gr.Blocks(title="DMDNet face restoration") as blocks:
+        gr.Markdown(
+            "# DMDNet face restoration\nUpload a photo, and optionally a few good photos of the same person "
+            "(or a saved identity dictionary) to keep that person's own features."
+        )
         with gr.Tab("Photo"):
             with gr.Row():
                 with gr.Column():
                     photo = photo_input(type="filepath", label="Photo (whole or an aligned face)")
-                    references = gr.File(file_count="multiple", file_types=["image"], label="Reference photos of the person")
+                    references = gr.File(
+                        file_count="multiple", file_types=["image"], label="Reference photos of the person"
+                    )
                     identity = gr.File(file_types=[".safetensors"], label="…or an identity dictionary (.safetensors)")
-                    mode = gr.Radio(MODES, value="auto", label="Mode",
-                                    info="auto: faces that match the person are restored with their identity, the rest "
-                                         "generically; identity: every face with it; only-matched: the rest stay as they are")
+                    mode = gr.Radio(
+                        MODES,
+                        value="auto",
+                        label="Mode",
+                        info="auto: faces that match the person are restored with their identity, the rest "
+                        "generically; identity: every face with it; only-matched: the rest stay as they are",
+                    )
                     with gr.Row():
                         upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
                         strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
                     with gr.Row():
-                        largest = gr.Checkbox(False, label="Largest face only")
-                        colours = gr.Checkbox(True, label="Keep the photo's colours",
-                                              info="off: the model's colours, which may drift")
+                        largest = gr.Checkbox(False, label="Only the largest face")
+                        colours = gr.Checkbox(
+                            True,
+                            label="Keep colours",
+                            info="the photo's broad colours; off: the model's, which may drift",
+                        )
                     with gr.Accordion("Identity matching", open=False):
-                        threshold = gr.Slider(0.3, 0.7, value=DEFAULT_THRESHOLD, step=0.01, label="Match threshold",
-                                              info="largest embedding distance that can be the same person")
-                        margin = gr.Slider(0, 0.2, value=DEFAULT_MARGIN, step=0.01, label="Match margin",
-                                           info="the nearest person must be this much nearer than the next, or the face "
-                                                "stays unmatched (generic)")
+                        threshold = gr.Slider(
+                            0.3,
+                            0.7,
+                            value=DEFAULT_THRESHOLD,
+                            step=0.01,
+                            label="Threshold",
+                            info="largest embedding distance that can be the same person",
+                        )
+                        margin = gr.Slider(
+                            0,
+                            0.2,
+                            value=DEFAULT_MARGIN,
+                            step=0.01,
+                            label="Margin",
+                            info="the nearest person must be this much nearer than the next, or the face "
+                            "stays unmatched (generic)",
+                        )
                     run = gr.Button("Restore", variant="primary")
                 with gr.Column():
                     slider = gr.ImageSlider(label="Before / after")
@@ -219,29 +260,42 @@ def build_ui() -> gr.Blocks:
                         result_file = gr.File(label="Full-resolution result")
                         identity_file = gr.File(label="Identity dictionary (reuse it later)")
                     status = gr.Markdown()
-            run.click(restore, [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours],
-                      [slider, generic, with_identity, gallery, result_file, identity_file, status], api_name="restore")
-            gr.Examples([[str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
-                         [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False]],
-                        [photo, references, identity, mode, upscale, strength, largest])
+            run.click(
+                demo.restore,
+                [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours],
+                [slider, generic, with_identity, gallery, result_file, identity_file, status],
+                api_name="restore",
+            )
+            gr.Examples(
+                [
+                    [str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
+                    [str(examples / "photos" / "family.jpg"), None, None, "generic", 1, 1.0, False],
+                ],
+                [photo, references, identity, mode, upscale, strength, largest],
+            )
         with gr.Tab("Video"):
-            video_tab(examples / "video" / "obama_jitter.mp4", refs)
-    return demo
+            video_tab(demo, examples / "video" / "obama_jitter.mp4", refs)
+    return blocks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="DMDNet Gradio demo")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--weights", help="checkpoint; default: the discovery order in the README")
+    parser.add_argument("--weights", help="checkpoint; default: the discovery order of docs/weights.md")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     args = parser.parse_args()
-    SETTINGS.weights, SETTINGS.device = args.weights, args.device
-    demo = build_ui()
-    demo.queue(default_concurrency_limit=1, max_size=16)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-                show_error=True, allowed_paths=[str(ROOT / "examples")])
+    blocks = build_ui(Demo(args.weights, args.device))
+    blocks.queue(default_concurrency_limit=1, max_size=16)
+    blocks.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=MAX_UPLOAD,
+        show_error=True,
+        allowed_paths=[str(ROOT / "examples")],
+    )
 
 
 if __name__ == "__main__":

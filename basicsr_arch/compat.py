@@ -6,6 +6,7 @@
   without GPUs: CPU processes join a gloo process group instead.
 (The third fix, DDP without CUDA device ids, is ``DMDNetModel.model_to_device``.)
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 ``network_g: {type: DMDNet, ...}`` builds :class:`dmdnet_plugin.model.DMDNet`, the very
 class the CLI runs, so a trained checkpoint needs no conversion.
 """
+
 from __future__ import annotations
 
 import torch

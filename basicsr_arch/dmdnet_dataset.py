@@ -9,6 +9,7 @@ Component boxes come from 68-point landmarks: ``NAME.png.txt`` beside each image
 ``dmdnet landmarks``) or in ``landmarks_root`` mirroring the data (the authors' layout). Faces
 without landmarks use the template boxes.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,16 @@ from dmdnet_plugin.faces import landmark_path, read_landmarks
 from dmdnet_plugin.io import IMAGE_EXTENSIONS
 
 from .option_checks import (
-    FLAG, TEXT, OptionError, Rule, check_options, existing_folder, list_of, number, one_of, value_range,
+    FLAG,
+    TEXT,
+    OptionError,
+    Rule,
+    check_options,
+    existing_folder,
+    list_of,
+    number,
+    one_of,
+    value_range,
 )
 
 EYE_SWAP = [1, 0, 2, 3]  # a mirrored face's left eye is the original's right eye
@@ -37,23 +47,44 @@ LAYOUTS = ("auto", "identities", "plain", "person")
 ROOT_RULES = {"path": existing_folder(), "landmarks_root": existing_folder(), "layout": one_of(*LAYOUTS)}
 OPTION_RULES = {
     # BasicSR's own dataset and data-loader keys
-    "name": TEXT, "type": TEXT, "phase": TEXT, "scale": number(1, 16, integer=True),
-    "num_worker_per_gpu": number(0, 64, integer=True), "batch_size_per_gpu": number(1, 4096, integer=True),
-    "dataset_enlarge_ratio": number(1, integer=True), "prefetch_mode": one_of("cpu", "cuda"),
-    "pin_memory": FLAG, "persistent_workers": FLAG, "num_prefetch_queue": number(1, integer=True),
+    "name": TEXT,
+    "type": TEXT,
+    "phase": TEXT,
+    "scale": number(1, 16, integer=True),
+    "num_worker_per_gpu": number(0, 64, integer=True),
+    "batch_size_per_gpu": number(1, 4096, integer=True),
+    "dataset_enlarge_ratio": number(1, integer=True),
+    "prefetch_mode": one_of("cpu", "cuda"),
+    "pin_memory": FLAG,
+    "persistent_workers": FLAG,
+    "num_prefetch_queue": number(1, integer=True),
     "use_shuffle": FLAG,
     # this dataset's
-    "dataroot_gt": existing_folder(), "landmarks_root": existing_folder(),
-    "dataroots": Rule("a list of folders or of {path, landmarks_root, layout} entries",
-                      lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, (str, dict)) for x in v)),
-    "num_refs": number(0, 64, integer=True), "use_hflip": FLAG, "deterministic": FLAG,
-    "include_identities": list_of(TEXT), "exclude_identities": list_of(TEXT),
-    "blur_kernel_size": Rule("an odd integer from 3 to 101",
-                             lambda v: number(3, 101, integer=True).accepts(v) and v % 2 == 1),
-    "kernel_list": list_of(one_of(*KERNELS)), "kernel_prob": list_of(number(0, 1)),
-    "blur_sigma": value_range(0, 100), "downsample_range": value_range(0.25, 64), "noise_range": value_range(0, 255),
-    "jpeg_range": value_range(1, 100), "color_jitter_prob": number(0, 1), "color_jitter_shift": number(0, 255),
-    "gray_prob": number(0, 1), "warp_prob": number(0, 1), "self_ref_prob": number(0, 1),
+    "dataroot_gt": existing_folder(),
+    "landmarks_root": existing_folder(),
+    "dataroots": Rule(
+        "a list of folders or of {path, landmarks_root, layout} entries",
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, (str, dict)) for x in v),
+    ),
+    "num_refs": number(0, 64, integer=True),
+    "use_hflip": FLAG,
+    "deterministic": FLAG,
+    "include_identities": list_of(TEXT),
+    "exclude_identities": list_of(TEXT),
+    "blur_kernel_size": Rule(
+        "an odd integer from 3 to 101", lambda v: number(3, 101, integer=True).accepts(v) and v % 2 == 1
+    ),
+    "kernel_list": list_of(one_of(*KERNELS)),
+    "kernel_prob": list_of(number(0, 1)),
+    "blur_sigma": value_range(0, 100),
+    "downsample_range": value_range(0.25, 64),
+    "noise_range": value_range(0, 255),
+    "jpeg_range": value_range(1, 100),
+    "color_jitter_prob": number(0, 1),
+    "color_jitter_shift": number(0, 255),
+    "gray_prob": number(0, 1),
+    "warp_prob": number(0, 1),
+    "self_ref_prob": number(0, 1),
 }
 # Largest random similarity warp: shift in px, scale change, rotation in degrees. Real crops are
 # never aligned exactly; a few hundred faces seen at slightly different places, sizes and angles
@@ -78,7 +109,9 @@ def check_dataset_options(opt: dict) -> None:
             raise OptionError(f"{where}.dataroots[{i}]: needs a path")
     kernels, probs = opt.get("kernel_list"), opt.get("kernel_prob")
     if kernels is not None and probs is not None and len(kernels) != len(probs):
-        raise OptionError(f"{where}.kernel_prob: got {len(probs)} probabilities for {len(kernels)} kernels in kernel_list")
+        raise OptionError(
+            f"{where}.kernel_prob: got {len(probs)} probabilities for {len(kernels)} kernels in kernel_list"
+        )
 
 
 def _images(folder: Path) -> list[Path]:
@@ -199,21 +232,32 @@ class DMDNetFaceDataset(data.Dataset):
         (or all, for a plain face) replaced by the target under a warp at ``self_ref_prob``."""
         ident = self.samples[index][1]
         others = [i for i in self.by_identity.get(ident, []) if i != index] if ident else []
-        chosen = (random.sample(others, self.num_refs) if len(others) >= self.num_refs
-                  else random.choices(others, k=self.num_refs)) if others else []
+        chosen = (
+            (
+                random.sample(others, self.num_refs)
+                if len(others) >= self.num_refs
+                else random.choices(others, k=self.num_refs)
+            )
+            if others
+            else []
+        )
         refs = [self._augment(*self._load(i)) for i in chosen]
         if chance(self.opt.get("self_ref_prob", 0.0)):
             own = [warp(gt, boxes) for _ in range(1 if refs else self.num_refs)]
-            refs = own + refs[len(own):]
+            refs = own + refs[len(own) :]
         return refs
 
     def degrade(self, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """GFPGAN's blind degradation: blur, downsample, noise, JPEG, colour jitter, gray."""
         opt = self.opt
         kernel = degradations.random_mixed_kernels(
-            opt.get("kernel_list", ["iso", "aniso"]), opt.get("kernel_prob", [0.5, 0.5]),
-            opt.get("blur_kernel_size", 41), opt.get("blur_sigma", [0.1, 10]), opt.get("blur_sigma", [0.1, 10]),
-            [-math.pi, math.pi], noise_range=None,
+            opt.get("kernel_list", ["iso", "aniso"]),
+            opt.get("kernel_prob", [0.5, 0.5]),
+            opt.get("blur_kernel_size", 41),
+            opt.get("blur_sigma", [0.1, 10]),
+            opt.get("blur_sigma", [0.1, 10]),
+            [-math.pi, math.pi],
+            noise_range=None,
         )
         lq = cv2.filter2D(gt, -1, kernel)
         scale = np.random.uniform(*opt.get("downsample_range", [0.8, 8]))
@@ -242,13 +286,23 @@ class DMDNetFaceDataset(data.Dataset):
         gt, boxes = self._augment(*self._load(index))
         lq, gt = self.degrade(gt)
         path = self.samples[index][0]
-        item = {"lq": self._tensor(lq), "gt": self._tensor(gt), "boxes": torch.from_numpy(boxes).long(),
-                "gt_path": str(path)}
+        item = {
+            "lq": self._tensor(lq),
+            "gt": self._tensor(gt),
+            "boxes": torch.from_numpy(boxes).long(),
+            "gt_path": str(path),
+        }
         if self.num_refs:
             refs = self._references(index, gt, boxes)
             item["has_refs"] = torch.tensor(bool(refs))
-            item["refs"] = (torch.stack([self._tensor(r) for r, _ in refs]) if refs
-                            else torch.zeros(self.num_refs, 3, CROP_SIZE, CROP_SIZE))
-            item["ref_boxes"] = (torch.from_numpy(np.stack([b for _, b in refs])).long() if refs
-                                 else torch.from_numpy(np.stack([TEMPLATE_BOXES] * self.num_refs)).long())
+            item["refs"] = (
+                torch.stack([self._tensor(r) for r, _ in refs])
+                if refs
+                else torch.zeros(self.num_refs, 3, CROP_SIZE, CROP_SIZE)
+            )
+            item["ref_boxes"] = (
+                torch.from_numpy(np.stack([b for _, b in refs])).long()
+                if refs
+                else torch.from_numpy(np.stack([TEMPLATE_BOXES] * self.num_refs)).long()
+            )
         return item

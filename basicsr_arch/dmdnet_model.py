@@ -7,12 +7,13 @@ L1, a pixel loss on the eye and mouth crops (where the dictionaries act), percep
 (VGG19, BasicSR's local-weights convention), adversarial with a global and optional eye / mouth
 discriminators, and an identity loss on a frozen embedding network.
 """
+
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -27,11 +28,21 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from dmdnet_plugin.atomic import atomic_path
-from dmdnet_plugin.weights import read_state_dict
 from dmdnet_plugin.components import COMPONENT_INDEX, PART_SIZES, crop_resize, sanitize_boxes
+from dmdnet_plugin.weights import read_state_dict
 
 from .option_checks import (
-    FLAG, SECTION, TEXT, OptionError, Rule, check_options, existing_file, list_of, mapping, number, one_of,
+    FLAG,
+    SECTION,
+    TEXT,
+    OptionError,
+    Rule,
+    check_options,
+    existing_file,
+    list_of,
+    mapping,
+    number,
+    one_of,
 )
 
 # discriminator -> the components it judges; also the crop groups of the component loss
@@ -39,22 +50,43 @@ COMPONENT_DS = {"d_eye": ("le", "re"), "d_mouth": ("mo",)}
 LOSS = Rule("a loss section with a type", lambda v: isinstance(v, dict) and isinstance(v.get("type"), str))
 OPTIM_RULES = {
     "type": one_of("Adam", "AdamW", "Adamax", "SGD", "ASGD", "RMSprop", "Rprop"),
-    "lr": number(1e-12, 1), "betas": list_of(number(0, 1)), "weight_decay": number(0), "eps": number(0),
-    "amsgrad": FLAG, "momentum": number(0, 1),
+    "lr": number(1e-12, 1),
+    "betas": list_of(number(0, 1)),
+    "weight_decay": number(0),
+    "eps": number(0),
+    "amsgrad": FLAG,
+    "momentum": number(0, 1),
 }
 SCHEDULER_RULES = {
     "type": one_of("MultiStepLR", "MultiStepRestartLR", "CosineAnnealingRestartLR"),
-    "milestones": list_of(number(0, integer=True)), "gamma": number(0, 1), "restarts": list_of(number(0, integer=True)),
-    "restart_weights": list_of(number(0)), "periods": list_of(number(1, integer=True)), "eta_min": number(0),
+    "milestones": list_of(number(0, integer=True)),
+    "gamma": number(0, 1),
+    "restarts": list_of(number(0, integer=True)),
+    "restart_weights": list_of(number(0)),
+    "periods": list_of(number(1, integer=True)),
+    "eta_min": number(0),
 }
 TRAIN_RULES = {
-    "ema_decay": number(0, 1), "optim_g": SECTION, "optim_d": SECTION, "scheduler": SECTION,
-    "total_iter": number(1, integer=True), "warmup_iter": number(-1, integer=True),
-    "pixel_opt": LOSS, "component_opt": LOSS, "perceptual_opt": LOSS, "identity_opt": SECTION, "gan_opt": LOSS,
-    "autocast": Rule("bf16, or nothing for fp32", lambda v: v in ("bf16", False)), "lr_mult": mapping(TEXT, number(1e-6, 1e6)),
+    "ema_decay": number(0, 1),
+    "optim_g": SECTION,
+    "optim_d": SECTION,
+    "scheduler": SECTION,
+    "total_iter": number(1, integer=True),
+    "warmup_iter": number(-1, integer=True),
+    "pixel_opt": LOSS,
+    "component_opt": LOSS,
+    "perceptual_opt": LOSS,
+    "identity_opt": SECTION,
+    "gan_opt": LOSS,
+    "autocast": Rule("bf16, or nothing for fp32", lambda v: v in ("bf16", False)),
+    "lr_mult": mapping(TEXT, number(1e-6, 1e6)),
 }
-NETWORK_RULES = {"type": one_of("DMDNet"), "ngf": number(4, 512, integer=True),
-                 "banks_num": number(1, 4096, integer=True), "trainable_dictionary": FLAG}
+NETWORK_RULES = {
+    "type": one_of("DMDNet"),
+    "ngf": number(4, 512, integer=True),
+    "banks_num": number(1, 4096, integer=True),
+    "trainable_dictionary": FLAG,
+}
 
 
 def check_model_options(opt: dict) -> None:
@@ -100,8 +132,10 @@ class IdentityLoss(torch.nn.Module):
     def __init__(self, network: dict, pretrained: str, loss_weight: float = 1.0, crop: int = 64, size: int = 128):
         super().__init__()
         if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"identity loss: embedding weights {pretrained} not found "
-                                    "(set train.identity_opt.pretrained, or remove identity_opt)")
+            raise FileNotFoundError(
+                f"identity loss: embedding weights {pretrained} not found "
+                "(set train.identity_opt.pretrained, or remove identity_opt)"
+            )
         self.net = build_network(network)
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state.get("params", state), strict=True)
@@ -110,8 +144,9 @@ class IdentityLoss(torch.nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         c = self.crop
-        x = torch.nn.functional.interpolate(x[:, :, c:-c, c:-c], (self.size, self.size), mode="bilinear",
-                                            align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x[:, :, c:-c, c:-c], (self.size, self.size), mode="bilinear", align_corners=False
+        )
         return self.net(x).flatten(1)
 
     def forward(self, out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -142,8 +177,9 @@ class DMDNetModel(BaseModel):
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
         """BasicSR's, except that CPU processes (gloo) get DDP without CUDA device ids."""
         if self.opt["dist"] and self.device.type == "cpu":
-            return DistributedDataParallel(net.to(self.device), find_unused_parameters=self.opt.get(
-                "find_unused_parameters", False))
+            return DistributedDataParallel(
+                net.to(self.device), find_unused_parameters=self.opt.get("find_unused_parameters", False)
+            )
         return super().model_to_device(net)
 
     def _load_pretrained(self, net: torch.nn.Module, label: str, param_key: str) -> None:
@@ -169,17 +205,20 @@ class DMDNetModel(BaseModel):
             else:
                 self.model_ema(0)
         self.cri_pix = build_loss(train_opt["pixel_opt"]).to(self.device) if train_opt.get("pixel_opt") else None
-        self.cri_component = build_loss(train_opt["component_opt"]).to(self.device) \
-            if train_opt.get("component_opt") else None
+        self.cri_component = (
+            build_loss(train_opt["component_opt"]).to(self.device) if train_opt.get("component_opt") else None
+        )
         self.cri_perceptual = None
         if train_opt.get("perceptual_opt"):
             if not os.path.exists(VGG_PRETRAIN_PATH):
                 raise FileNotFoundError(
                     f"perceptual loss needs the VGG19 weights at {os.path.abspath(VGG_PRETRAIN_PATH)} "
-                    "(torchvision's vgg19-dcbb9e9d.pth); put them there or remove train.perceptual_opt")
+                    "(torchvision's vgg19-dcbb9e9d.pth); put them there or remove train.perceptual_opt"
+                )
             self.cri_perceptual = build_loss(train_opt["perceptual_opt"]).to(self.device)
-        self.cri_identity = IdentityLoss(**train_opt["identity_opt"]).to(self.device) \
-            if train_opt.get("identity_opt") else None
+        self.cri_identity = (
+            IdentityLoss(**train_opt["identity_opt"]).to(self.device) if train_opt.get("identity_opt") else None
+        )
         if train_opt.get("gan_opt"):
             self.cri_gan = build_loss(train_opt["gan_opt"]).to(self.device)
             for label in ("d", *COMPONENT_DS):
@@ -234,12 +273,15 @@ class DMDNetModel(BaseModel):
         return torch.cat(crops)
 
     @classmethod
-    def _component_loss(cls, criterion: torch.nn.Module, out: torch.Tensor, gt: torch.Tensor,
-                        boxes: torch.Tensor) -> torch.Tensor:
+    def _component_loss(
+        cls, criterion: torch.nn.Module, out: torch.Tensor, gt: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
         """``criterion`` on the eye crops plus on the mouth crops: 11% of the crop, where the
         dictionaries act, which a loss over the whole crop gives little weight."""
-        return sum(criterion(cls._component_crops(out, boxes, parts), cls._component_crops(gt, boxes, parts))
-                   for parts in COMPONENT_DS.values())
+        return sum(
+            criterion(cls._component_crops(out, boxes, parts), cls._component_crops(gt, boxes, parts))
+            for parts in COMPONENT_DS.values()
+        )
 
     def _judge(self, label: str, img: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         net = self.discriminators[label]
@@ -257,7 +299,9 @@ class DMDNetModel(BaseModel):
     def _autocast(self) -> torch.autocast:
         """``train.autocast: bf16`` runs forward passes and losses in bfloat16 (weights, optimiser
         states and the dictionary softmax stay fp32); bf16 needs no loss scaling."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opt["train"].get("autocast") == "bf16")
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.opt["train"].get("autocast") == "bf16"
+        )
 
     def _generator_losses(self) -> OrderedDict:
         """Every generator loss term, per branch, named ``<term>_<branch>``."""
@@ -336,12 +380,17 @@ class DMDNetModel(BaseModel):
                         continue
                     img = tensor2img(out[i], min_max=(-1, 1))
                     panels.append(img)
-                    for metric, value in (("psnr", calculate_psnr(img, gt_img, 0)),
-                                          ("ssim", calculate_ssim(img, gt_img, 0)),
-                                          ("niqe", _niqe(img))):
+                    for metric, value in (
+                        ("psnr", calculate_psnr(img, gt_img, 0)),
+                        ("ssim", calculate_ssim(img, gt_img, 0)),
+                        ("niqe", _niqe(img)),
+                    ):
                         sums[f"{metric}_{branch}"] = sums.get(f"{metric}_{branch}", 0.0) + float(value)
                 lq_img = panels[0]
-                for metric, value in (("psnr", calculate_psnr(lq_img, gt_img, 0)), ("ssim", calculate_ssim(lq_img, gt_img, 0))):
+                for metric, value in (
+                    ("psnr", calculate_psnr(lq_img, gt_img, 0)),
+                    ("ssim", calculate_ssim(lq_img, gt_img, 0)),
+                ):
                     sums[f"{metric}_input"] = sums.get(f"{metric}_input", 0.0) + float(value)
                 count += 1
                 if save_img:
@@ -353,8 +402,9 @@ class DMDNetModel(BaseModel):
         net.train(was_training)
         self.metric_results = {k: v / max(count, 1) for k, v in sums.items()}
         logger = get_root_logger()
-        logger.info(f"Validation {name} @ {current_iter}: " +
-                    ", ".join(f"{k} {v:.4f}" for k, v in self.metric_results.items()))
+        logger.info(
+            f"Validation {name} @ {current_iter}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.metric_results.items())
+        )
         if tb_logger:
             for k, v in self.metric_results.items():
                 tb_logger.add_scalar(f"metrics/{name}/{k}", v, current_iter)

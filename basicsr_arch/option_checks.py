@@ -5,12 +5,14 @@ a string where a list belongs fails far away (``dataroots: /data/faces`` used to
 FileNotFoundError for the one-letter path ``'d'``). Each error names the option, what it got
 and what it expects, and an unknown key comes with the closest known one.
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 class OptionError(ValueError):
@@ -34,9 +36,10 @@ def number(lo: float = float("-inf"), hi: float = float("inf"), integer: bool = 
 
 def value_range(lo: float, hi: float) -> Rule:
     """A [low, high] pair, as BasicSR's degradation ranges are written."""
-    return Rule(f"a [low, high] pair with {lo} <= low <= high <= {hi}",
-                lambda v: isinstance(v, list) and len(v) == 2 and all(number(lo, hi).accepts(x) for x in v)
-                and v[0] <= v[1])
+    return Rule(
+        f"a [low, high] pair with {lo} <= low <= high <= {hi}",
+        lambda v: isinstance(v, list) and len(v) == 2 and all(number(lo, hi).accepts(x) for x in v) and v[0] <= v[1],
+    )
 
 
 def one_of(*choices: Any) -> Rule:
@@ -48,8 +51,10 @@ def list_of(rule: Rule) -> Rule:
 
 
 def mapping(keys: Rule, values: Rule) -> Rule:
-    return Rule(f"a mapping of {keys.expects} to {values.expects}",
-                lambda v: isinstance(v, dict) and all(keys.accepts(k) and values.accepts(x) for k, x in v.items()))
+    return Rule(
+        f"a mapping of {keys.expects} to {values.expects}",
+        lambda v: isinstance(v, dict) and all(keys.accepts(k) and values.accepts(x) for k, x in v.items()),
+    )
 
 
 def existing_folder() -> Rule:

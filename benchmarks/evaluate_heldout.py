@@ -10,6 +10,7 @@ pipeline's default). Without --weights it evaluates whatever the discovery order
 bundled demo checkpoint on a fresh clone). --grid writes input | generic | identity (as the
 pipeline gives them) | ground truth, one row per face, 256 px per face.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from basicsr.utils import tensor2img  # noqa: E402
 from basicsr_arch.dmdnet_dataset import DMDNetFaceDataset  # noqa: E402
 from dmdnet_plugin.colours import keep_colours  # noqa: E402
 from dmdnet_plugin.components import sanitize_boxes  # noqa: E402
-from dmdnet_plugin.faces import DlibBackend  # noqa: E402
+from dmdnet_plugin.faces import DlibBackend, FaceBackend  # noqa: E402
 from dmdnet_plugin.io import to_uint8  # noqa: E402
 from dmdnet_plugin.weights import load_model  # noqa: E402
 
@@ -36,17 +37,18 @@ OUTPUTS = ("input", "generic", "identity", "generic, input's colours", "identity
 GRID_PANEL = 256  # px per face in the --grid image (half size keeps the docs small)
 
 
-def identity_distance(backend: DlibBackend, bgr: np.ndarray, gt_embedding: np.ndarray) -> float:
+def identity_distance(backend: FaceBackend, bgr: np.ndarray, gt_embedding: np.ndarray) -> float:
     """Embedding distance to the ground truth; the face is found on the output itself."""
     faces = backend.detect(np.ascontiguousarray(bgr[..., ::-1]))
     return float(np.linalg.norm(faces[0].embedding - gt_embedding)) if faces else float("nan")
 
 
-def evaluate(weights: str | None, val_opt: dict, limit: int | None = None,
-             grid: str | Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate(
+    weights: str | None, val_opt: dict, limit: int | None = None, grid: str | Path | None = None
+) -> dict[str, dict[str, float]]:
     """Mean PSNR, SSIM and identity distance per output over the faces of ``val_opt``'s dataset."""
     dataset = DMDNetFaceDataset({**val_opt, "phase": "val"})
-    model = load_model(weights, device="cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(weights, device="cuda" if torch.cuda.is_available() else "cpu").net
     backend = DlibBackend("hog")
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in OUTPUTS}
     panels = []
@@ -57,21 +59,34 @@ def evaluate(weights: str | None, val_opt: dict, limit: int | None = None,
         if not gt_faces or not item.get("has_refs", False):
             continue
         with model._inference() as device:
-            out = model(item["lq"][None].to(device).contiguous(memory_format=torch.channels_last),
-                                 sanitize_boxes(item["boxes"][None]).to(device), generic=True,
-                                 refs=item["refs"][None].to(device),
-                                 ref_boxes=sanitize_boxes(item["ref_boxes"][None]).to(device))
-        images = [tensor2img(img.float().cpu(), min_max=(-1, 1)) for img in (item["lq"], out.generic[0], out.identity[0])]
+            out = model(
+                item["lq"][None].to(device).contiguous(memory_format=torch.channels_last),
+                sanitize_boxes(item["boxes"][None]).to(device),
+                generic=True,
+                refs=item["refs"][None].to(device),
+                ref_boxes=sanitize_boxes(item["ref_boxes"][None]).to(device),
+            )
+        images = [
+            tensor2img(img.float().cpu(), min_max=(-1, 1)) for img in (item["lq"], out.generic[0], out.identity[0])
+        ]
         images += [to_uint8(keep_colours(img / 255.0, images[0] / 255.0)) for img in images[1:]]
         for name, bgr in zip(OUTPUTS, images):
-            rows[name].append((calculate_psnr(bgr, gt, 0), calculate_ssim(bgr, gt, 0),
-                               identity_distance(backend, bgr, gt_faces[0].embedding)))
+            rows[name].append(
+                (
+                    calculate_psnr(bgr, gt, 0),
+                    calculate_ssim(bgr, gt, 0),
+                    identity_distance(backend, bgr, gt_faces[0].embedding),
+                )
+            )
         row = np.hstack([images[0], *images[3:], gt])
         panels.append(cv2.resize(row, (4 * GRID_PANEL, GRID_PANEL), interpolation=cv2.INTER_AREA))
     if grid is not None and panels:
         cv2.imwrite(str(grid), np.vstack(panels))
-    return {name: dict(zip(("psnr", "ssim", "identity_distance"), np.nanmean(np.array(r), axis=0).tolist()),
-                       n=len(r)) for name, r in rows.items() if r}
+    return {
+        name: dict(zip(("psnr", "ssim", "identity_distance"), np.nanmean(np.array(r), axis=0).tolist()), n=len(r))
+        for name, r in rows.items()
+        if r
+    }
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ twice: from the degraded face's dlib embedding, and from the embedding of its ge
 by the loaded model ("restore, then match"). Prints one table per rule; ``--sweep`` also prints
 the wrong/right counts over a grid of threshold and margin, which is how the defaults were chosen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from basicsr_arch.dmdnet_dataset import DMDNetFaceDataset  # noqa: E402
+from dmdnet_plugin.damage import damaged_embedding  # noqa: E402
 from dmdnet_plugin.face_helper import FaceHelper  # noqa: E402
 from dmdnet_plugin.faces import DlibBackend  # noqa: E402
 from dmdnet_plugin.io import read_image, to_uint8  # noqa: E402
-from dmdnet_plugin.damage import damaged_embedding  # noqa: E402
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, decide_face  # noqa: E402
 from dmdnet_plugin.weights import load_model  # noqa: E402
 
 LEVELS = {  # the training degradations (DMDNetFaceDataset.degrade) at fixed strengths
     "none": None,
-    "moderate": {"blur_sigma": [3, 3.01], "downsample_range": [4, 4.01], "noise_range": [10, 10.01],
-                 "jpeg_range": [70, 71]},
-    "severe": {"blur_sigma": [6, 6.01], "downsample_range": [8, 8.01], "noise_range": [20, 20.01],
-               "jpeg_range": [40, 41]},
+    "moderate": {
+        "blur_sigma": [3, 3.01],
+        "downsample_range": [4, 4.01],
+        "noise_range": [10, 10.01],
+        "jpeg_range": [70, 71],
+    },
+    "severe": {
+        "blur_sigma": [6, 6.01],
+        "downsample_range": [8, 8.01],
+        "noise_range": [20, 20.01],
+        "jpeg_range": [40, 41],
+    },
 }
 
 
@@ -53,7 +62,10 @@ class Case:
 
 def people(root: Path) -> dict[str, list[Path]]:
     """Identity -> aligned photos: the CelebRef-HQ folders and the obama references."""
-    out = {p.name: sorted(p.glob("*.png")) + sorted(p.glob("*.jpg")) for p in sorted((root / "celebref" / "refs").iterdir())}
+    out = {
+        p.name: sorted(p.glob("*.png")) + sorted(p.glob("*.jpg"))
+        for p in sorted((root / "celebref" / "refs").iterdir())
+    }
     out["obama"] = sorted((root / "obama" / "refs").glob("*.png"))
     return {k: v for k, v in out.items() if len(v) >= 2}
 
@@ -73,21 +85,23 @@ def reference_embeddings(helper: FaceHelper, path: Path) -> tuple[np.ndarray, np
     return face.face.embedding, damaged_embedding(helper.backend, face.crop, face.crop_landmarks)
 
 
-def collect(folks: dict[str, list[Path]], real_lq: dict[str, list[Path]], weights: str | None,
-            others: list[Path] = ()) -> tuple[list[Case], dict[str, list[tuple[np.ndarray, np.ndarray]]]]:
+def collect(
+    folks: dict[str, list[Path]], real_lq: dict[str, list[Path]], weights: str | None, others: list[Path] = ()
+) -> tuple[list[Case], dict[str, list[tuple[np.ndarray, np.ndarray]]]]:
     """Every case's embeddings (as given and restored), and every person's reference embeddings.
 
     ``others``: photos of people with no identity folder, degraded like the rest; any match of
     theirs is wrong (their cases have the person "")."""
-    model = load_model(weights, device="cpu")
+    model = load_model(weights, device="cpu").net
     helper = FaceHelper(DlibBackend("hog"))
     refs = {name: [reference_embeddings(helper, p) for p in paths] for name, paths in folks.items()}
     photos = [(f"{name}#{i}", i, path) for name, paths in folks.items() for i, path in enumerate(paths)]
     photos += [("", i, path) for i, path in enumerate(others)]
     cases = []
     for level, ranges in LEVELS.items():
-        data = DMDNetFaceDataset({"phase": "val", "dataroot_gt": str(next(iter(folks.values()))[0].parent),
-                                  "num_refs": 0, **(ranges or {})})
+        data = DMDNetFaceDataset(
+            {"phase": "val", "dataroot_gt": str(next(iter(folks.values()))[0].parent), "num_refs": 0, **(ranges or {})}
+        )
         for person, i, path in photos:
             rgb = read_image(path).rgb()
             if ranges is not None:
@@ -108,7 +122,9 @@ def means_for(case: Case, refs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     person, _, index = case.person.partition("#")
     out = {}
     for name, embs in refs.items():
-        keep = [e for j, e in enumerate(embs) if e[0] is not None and not (name == person and index and j == int(index))]
+        keep = [
+            e for j, e in enumerate(embs) if e[0] is not None and not (name == person and index and j == int(index))
+        ]
         out[name] = tuple(np.mean([e[k] for e in keep], axis=0) for k in (0, 1))
     return out
 
@@ -134,28 +150,41 @@ def outcome(case: Case, refs, use: str, threshold: float, margin: float, strange
 def counts(cases: list[Case], refs, use: str, threshold: float, margin: float) -> dict[str, list[str]]:
     """Level -> the outcome of each of its cases; "stranger, LEVEL" rows offer everyone but the person,
     and hold the faces of people without a folder."""
-    out = {lv: [outcome(c, refs, use, threshold, margin) for c in cases if c.level == lv and c.person]
-           for lv in [*LEVELS, "real low quality"]}
+    out = {
+        lv: [outcome(c, refs, use, threshold, margin) for c in cases if c.level == lv and c.person]
+        for lv in [*LEVELS, "real low quality"]
+    }
     for lv in LEVELS:
-        out[f"stranger, {lv}"] = [outcome(c, refs, use, threshold, margin, stranger=True) for c in cases if c.level == lv]
+        out[f"stranger, {lv}"] = [
+            outcome(c, refs, use, threshold, margin, stranger=True) for c in cases if c.level == lv
+        ]
     return out
 
 
 def table(cases: list[Case], refs, use: str, threshold: float, margin: float) -> str:
-    lines = [f"rule: {use} embedding, threshold {threshold}, margin {margin}",
-             "| level | faces | right | wrong | unmatched |", "|---|---|---|---|---|"]
+    lines = [
+        f"rule: {use} embedding, threshold {threshold}, margin {margin}",
+        "| level | faces | right | wrong | unmatched |",
+        "|---|---|---|---|---|",
+    ]
     for level, got in counts(cases, refs, use, threshold, margin).items():
         n = len(got)
         if not n:
             continue
-        lines.append(f"| {level} | {n} | " + " | ".join(
-            f"{got.count(k)} ({100 * got.count(k) / n:.0f}%)" for k in ("right", "wrong", "unmatched")) + " |")
+        lines.append(
+            f"| {level} | {n} | "
+            + " | ".join(f"{got.count(k)} ({100 * got.count(k) / n:.0f}%)" for k in ("right", "wrong", "unmatched"))
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def sweep(cases: list[Case], refs) -> str:
-    lines = ["| rule | threshold | margin | wrong (none/moderate/severe) | right (none/moderate/severe) "
-             "| strangers matched (none/moderate/severe) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| rule | threshold | margin | wrong (none/moderate/severe) | right (none/moderate/severe) "
+        "| strangers matched (none/moderate/severe) |",
+        "|---|---|---|---|---|---|",
+    ]
     for use in ("raw", "restored"):
         for threshold in (0.5, 0.52, 0.55, 0.6):
             for margin in (0.0, 0.04, 0.05, 0.08):
@@ -173,16 +202,26 @@ def _vector(v: np.ndarray | None) -> list | None:
 
 def save_cache(path: Path, cases: list[Case], refs) -> None:
     """Plain JSON (never a pickle), so a cache file cannot run code."""
-    path.write_text(json.dumps({
-        "cases": [[c.person, c.level, _vector(c.raw), _vector(c.restored)] for c in cases],
-        "references": {k: [[_vector(e) for e in pair] for pair in v] for k, v in refs.items()}}))
+    path.write_text(
+        json.dumps(
+            {
+                "cases": [[c.person, c.level, _vector(c.raw), _vector(c.restored)] for c in cases],
+                "references": {k: [[_vector(e) for e in pair] for pair in v] for k, v in refs.items()},
+            }
+        )
+    )
 
 
 def load_cache(path: Path) -> tuple[list[Case], dict[str, list[tuple[np.ndarray, np.ndarray]]]]:
     data = json.loads(path.read_text())
-    arr = (lambda v: None if v is None else np.array(v))
-    return ([Case(p, lv, arr(r), arr(x)) for p, lv, r, x in data["cases"]],
-            {k: [tuple(arr(e) for e in pair) for pair in v] for k, v in data["references"].items()})
+
+    def arr(v):
+        return None if v is None else np.array(v)
+
+    return (
+        [Case(p, lv, arr(r), arr(x)) for p, lv, r, x in data["cases"]],
+        {k: [tuple(arr(e) for e in pair) for pair in v] for k, v in data["references"].items()},
+    )
 
 
 def main() -> None:
@@ -196,8 +235,12 @@ def main() -> None:
         cases, refs = load_cache(args.cache)
     else:
         others = sorted((args.faces / "hq").rglob("*.jpg")) + sorted((args.faces / "hq").rglob("*.png"))
-        cases, refs = collect(people(args.faces), {"obama": sorted((args.faces / "obama" / "lq_crops").glob("*.png"))},
-                              args.weights, others)
+        cases, refs = collect(
+            people(args.faces),
+            {"obama": sorted((args.faces / "obama" / "lq_crops").glob("*.png"))},
+            args.weights,
+            others,
+        )
         if args.cache:
             save_cache(args.cache, cases, refs)
     print(f"{sum(map(len, refs.values()))} photos of {len(refs)} people; {len(cases)} cases")

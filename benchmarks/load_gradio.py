@@ -10,6 +10,7 @@ a burst of ``--burst`` simultaneous requests overfills the queue (16 places) to 
 rejected user sees. Everything is bounded by ``--deadline`` seconds and stops by itself. Prints a
 table: completed, failed (with messages), rejected by the queue, latency percentiles, peak memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,10 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -44,8 +45,12 @@ def serve(weights: str | None = None, log_path: Path | None = None, timeout: flo
         port = s.getsockname()[1]
     log = open(log_path or os.devnull, "w")
     cmd = [sys.executable, str(ROOT / "gradio_app.py"), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd + (["--weights", str(weights)] if weights else []), stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    proc = subprocess.Popen(
+        cmd + (["--weights", str(weights)] if weights else []),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         start = time.monotonic()
@@ -111,15 +116,33 @@ def client_inputs() -> list[tuple[Path, list[Path]]]:
     return out
 
 
-def one_request(url: str, client, index: int, kind: str, photo: Path, refs: list[Path], broken: Path,
-                everyone: list[np.ndarray], report: Report) -> None:
+def one_request(
+    url: str,
+    client,
+    index: int,
+    kind: str,
+    photo: Path,
+    refs: list[Path],
+    broken: Path,
+    everyone: list[np.ndarray],
+    report: Report,
+) -> None:
     from gradio_client import handle_file
 
     start = time.monotonic()
     try:
-        args = (handle_file(str(broken if kind == "broken" else photo)),
-                [handle_file(str(r)) for r in refs] if kind == "references" else None, None,
-                "auto" if kind == "references" else "generic", 1, 1.0, False, 0.52, 0.05, True)
+        args = (
+            handle_file(str(broken if kind == "broken" else photo)),
+            [handle_file(str(r)) for r in refs] if kind == "references" else None,
+            None,
+            "auto" if kind == "references" else "generic",
+            1,
+            1.0,
+            False,
+            0.52,
+            0.05,
+            True,
+        )
         result_file = client.predict(*args, api_name="/restore")[4]
         got = cv2.imread(result_file)
         scores = [psnr(got, theirs) for theirs in everyone]
@@ -157,15 +180,28 @@ def run_load(url: str, pid: int, clients: int, requests: int, burst: int, deadli
     if burst and time.monotonic() < end:
         shared = Client(url, verbose=False)
         with ThreadPoolExecutor(burst) as pool:
-            futures = [pool.submit(one_request, url, shared, i % clients, "generic", inputs[i % clients % len(inputs)][0],
-                                   [], broken, everyone, report) for i in range(burst)]
+            futures = [
+                pool.submit(
+                    one_request,
+                    url,
+                    shared,
+                    i % clients,
+                    "generic",
+                    inputs[i % clients % len(inputs)][0],
+                    [],
+                    broken,
+                    everyone,
+                    report,
+                )
+                for i in range(burst)
+            ]
             wait(futures, timeout=max(1.0, end - time.monotonic()))
     report.peak_mb = peak_rss_mb(pid)
     return report
 
 
 def summary(report: Report) -> str:
-    """The table the README quotes."""
+    """The table docs/reliability.md quotes."""
     times = np.array([o.seconds for o in report.outcomes if o.status == "ok"])
     counts = Counter(o.status for o in report.outcomes)
     pct = (lambda q: f"{np.percentile(times, q):.1f} s") if len(times) else (lambda q: "-")
@@ -198,8 +234,10 @@ def main() -> None:
     with serve(args.weights, args.log) as (url, pid):
         start = time.monotonic()
         report = run_load(url, pid, args.clients, args.requests, args.burst, args.deadline)
-        print(f"{args.clients} clients x {args.requests} requests, then a burst of {args.burst}, "
-              f"in {time.monotonic() - start:.0f} s; {os.cpu_count()} CPUs")
+        print(
+            f"{args.clients} clients x {args.requests} requests, then a burst of {args.burst}, "
+            f"in {time.monotonic() - start:.0f} s; {os.cpu_count()} CPUs"
+        )
     print(summary(report))
     bad = [o for o in report.outcomes if o.status in ("failed", "mixed")]
     sys.exit(1 if bad else 0)

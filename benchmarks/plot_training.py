@@ -6,6 +6,7 @@ Give every log of a resumed run; later lines win where iterations repeat. ``LOG@
 log's iterations by N, for a stage that started from another stage's weights (a dashed line
 marks where it starts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,18 +57,20 @@ def plot(logs: list[tuple[Path, int]], out: Path) -> None:
         gap = np.diff(x) > 5 * np.median(np.diff(x))  # a stage that did not train this branch
         color, label = None, name
         for xs, ys in zip(np.split(x, np.flatnonzero(gap) + 1), np.split(y, np.flatnonzero(gap) + 1)):
-            line, = ax_loss.plot(xs, ys, linewidth=0.6, alpha=0.35, color=color)
+            (line,) = ax_loss.plot(xs, ys, linewidth=0.6, alpha=0.35, color=color)
             color, width = line.get_color(), min(SMOOTH, len(ys))
-            ax_loss.plot(xs[width - 1:], np.convolve(ys, np.ones(width) / width, mode="valid"), color=color,
-                         label=label)
+            ax_loss.plot(
+                xs[width - 1 :], np.convolve(ys, np.ones(width) / width, mode="valid"), color=color, label=label
+            )
             label = None
     ax_loss.plot([], [], color="none", label=f"(lines: mean of {SMOOTH} logged steps)")
     ax_loss.set(xlabel="iteration", ylabel="training loss (the run's pixel loss)", yscale="log", title="training loss")
     ax_loss.legend()
     steps = sorted(metrics)
     for name in sorted({k for v in metrics.values() for k in v if k.startswith("psnr_")}):
-        ax_psnr.plot(steps, [metrics[s].get(name) for s in steps], marker="o", markersize=3,
-                     label=name.removeprefix("psnr_"))
+        ax_psnr.plot(
+            steps, [metrics[s].get(name) for s in steps], marker="o", markersize=3, label=name.removeprefix("psnr_")
+        )
     inputs = [m["psnr_input"] for m in metrics.values() if "psnr_input" in m]
     if inputs:  # the first validations of an untrained net would flatten the interesting range
         ax_psnr.set_ylim(bottom=min(inputs) - 3)

@@ -6,17 +6,19 @@ component crops and pastes (boxes copied to the host), the dictionary ``repeat``
 batch item, spectral norms recomputed in every conv, NCHW tensors, and the generic branch
 always computed before the whole decoder runs again for the reference-based one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from dmdnet_plugin import model as model_module
+from dmdnet_plugin.identity import atoms_on
 from dmdnet_plugin.layers import set_sn_folding
 
 
@@ -24,8 +26,10 @@ def loop_crop_resize(feat: torch.Tensor, box: torch.Tensor, stride: int, size: i
     loc = (box // stride).int().cpu().numpy()
     feat = feat.clone()
     return torch.cat(
-        [F.interpolate(feat[i : i + 1, :, y1:y2, x1:x2], (size, size), mode="bilinear", align_corners=False)
-         for i, (x1, y1, x2, y2) in enumerate(loc)]
+        [
+            F.interpolate(feat[i : i + 1, :, y1:y2, x1:x2], (size, size), mode="bilinear", align_corners=False)
+            for i, (x1, y1, x2, y2) in enumerate(loc)
+        ]
     )
 
 
@@ -67,7 +71,7 @@ def authors_execution(net: torch.nn.Module) -> Iterator[None]:
 def reference_restore(net, lq: torch.Tensor, boxes: torch.Tensor, identity=None) -> torch.Tensor:
     """Same result as ``net.restore`` (fp32), computed the slow way."""
     device = next(net.parameters()).device
-    atoms = identity.tensors_on(device) if identity is not None else None
+    atoms = atoms_on(identity, device) if identity is not None else None
     net.eval()
     with authors_execution(net), torch.no_grad():
         out = net(lq.to(device).contiguous(), boxes.to(device), identity_atoms=atoms, generic=True)

@@ -13,25 +13,24 @@ moved with the same jitter and moved back, which leaves only the resampling. Ide
 are counted per face through the clip (the obama clip has his identity dictionary, built from
 the reference photos of other pictures).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dmdnet_plugin.align import face_mask  # noqa: E402
 from dmdnet_plugin.face_helper import FaceHelper  # noqa: E402
 from dmdnet_plugin.io import Picture, read_image  # noqa: E402
 from dmdnet_plugin.pipeline import ImageResult, Restorer  # noqa: E402
-from dmdnet_plugin.tracking import CropSmoother, track_frames  # noqa: E402
 from dmdnet_plugin.weights import load_model  # noqa: E402
 
 MAX_SHIFT, MAX_ANGLE = 2.0, 1.0  # px, degrees
@@ -64,13 +63,16 @@ def heavy(rgb8: np.ndarray) -> np.ndarray:
     return degrade(rgb8, 3.0, 4, 8, 50)
 
 
-def make_clip(still8: np.ndarray, count: int, seed: int = 0,
-              damage: Callable[[np.ndarray], np.ndarray] = degrade) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def make_clip(
+    still8: np.ndarray, count: int, seed: int = 0, damage: Callable[[np.ndarray], np.ndarray] = degrade
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Jittered frames (uint8 RGB), each degraded by ``damage``, and the motion of each."""
     h, w = still8.shape[:2]
     motions = jitter(count, (w, h), seed)
-    return [damage(cv2.warpAffine(still8, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101))
-            for m in motions], motions
+    return [
+        damage(cv2.warpAffine(still8, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101))
+        for m in motions
+    ], motions
 
 
 def write_clip(frames: list[np.ndarray], path: Path, rate: int = 25, rotation: int = 0) -> None:
@@ -92,7 +94,7 @@ def write_clip(frames: list[np.ndarray], path: Path, rate: int = 25, rotation: i
         samples = int(44100 * len(frames) / rate)
         tone = (0.1 * np.sin(2 * np.pi * 440 * np.arange(samples) / 44100)).astype(np.float32)[None]
         for start in range(0, samples, 1024):
-            chunk = av.AudioFrame.from_ndarray(tone[:, start:start + 1024], format="fltp", layout="mono")
+            chunk = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
             chunk.sample_rate, chunk.pts, chunk.time_base = 44100, start, Fraction(1, 44100)
             out.mux(audio.encode(chunk))
         out.mux(video.encode(None))
@@ -102,8 +104,10 @@ def write_clip(frames: list[np.ndarray], path: Path, rate: int = 25, rotation: i
 def steady(frames: list[np.ndarray], motions: list[np.ndarray]) -> list[np.ndarray]:
     """Each frame moved back by its known motion: a still result gives identical frames."""
     h, w = frames[0].shape[:2]
-    return [cv2.warpAffine(f.astype(np.float32), cv2.invertAffineTransform(m), (w, h), flags=cv2.INTER_CUBIC)
-            for f, m in zip(frames, motions)]
+    return [
+        cv2.warpAffine(f.astype(np.float32), cv2.invertAffineTransform(m), (w, h), flags=cv2.INTER_CUBIC)
+        for f, m in zip(frames, motions)
+    ]
 
 
 def flicker(frames: list[np.ndarray], motions: list[np.ndarray], region: np.ndarray) -> float:
@@ -139,29 +143,41 @@ def measure(restorer: Restorer, clip: Clip, count: int) -> dict:
     h, w = still.shape[:2]
     still = cv2.resize(still, (clip.width, round(h * clip.width / w) // 2 * 2), interpolation=cv2.INTER_AREA)
     h, w = still.shape[:2]
-    identities = [restorer.build_identity(clip.references, name=clip.name.split(",")[0], aligned=True)[0]] if clip.references else []
+    identities = (
+        [restorer.build_identity(clip.references, name=clip.name.split(",")[0], aligned=True)[0]]
+        if clip.references
+        else []
+    )
     frames, motions = make_clip(still, count, damage=clip.damage)
     pictures = [Picture(f) for f in frames]
     centre = FaceHelper.masks(restorer.helper.detect(Picture(still).rgb()).faces, [still.shape[:2]])[0]
     region = cv2.erode((centre > 0.99).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     still_result = restorer.run([Picture(clip.damage(still))], identities=identities)[0].pixels
-    rows = {"input": flicker(frames, motions, region),
-            "floor": flicker([cv2.warpAffine(still_result, m, (w, h), flags=cv2.INTER_CUBIC,
-                                             borderMode=cv2.BORDER_REFLECT_101) for m in motions], motions, region)}
-    per_frame = restorer.run(pictures, identities=identities)
-    tracked_clip = track_frames((p.rgb() for p in pictures), restorer.helper, 25.0)
-    tracked = restorer.run(pictures, identities=identities, smoother=CropSmoother(),
-                           detections=tracked_clip.detections(restorer.helper, pictures))
+    rows = {
+        "input": flicker(frames, motions, region),
+        "floor": flicker(
+            [
+                cv2.warpAffine(still_result, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+                for m in motions
+            ],
+            motions,
+            region,
+        ),
+    }
+    per_frame = list(restorer.run_clip(lambda: iter(pictures), identities=identities, temporal=False).results)
+    tracked_clip = restorer.run_clip(lambda: iter(pictures), identities=identities, rate=25.0)
+    tracked = list(tracked_clip.results)
     rows["per-frame"] = flicker([r.pixels for r in per_frame], motions, region)
     rows["tracked"] = flicker([r.pixels for r in tracked], motions, region)
-    by_place = lambda f: tuple(np.round(np.asarray(f.aligned.face.box[:2]) / 40).astype(int))  # noqa: E731
+    by_place = lambda f: tuple(np.round(np.asarray(f.face.box[:2]) / 40).astype(int))  # noqa: E731
     counts = [len(r.faces) for r in per_frame]
     rows["faces per frame (per-frame)"] = f"{min(counts)}-{max(counts)}"
     rows["tracks"] = len(tracked_clip.tracks)
     rows["switches per-frame"] = identity_switches(per_frame, by_place)
-    rows["switches tracked"] = identity_switches(tracked, lambda f: f.aligned.track)
-    rows["identities tracked"] = sorted({str(f.identity.name if f.identity else "generic")
-                                         for r in tracked for f in r.faces})
+    rows["switches tracked"] = identity_switches(tracked, lambda f: f.face.track)
+    rows["identities tracked"] = sorted(
+        {str(f.identity.name if f.identity else "generic") for r in tracked for f in r.faces}
+    )
     return rows
 
 
@@ -171,9 +187,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=48)
     parser.add_argument("--weights")
     parser.add_argument("--clips", nargs="+", metavar="NAME", help="measure only these clips (default: all)")
-    parser.add_argument("--write-example", metavar="MP4",
-                        help="write the example clip and stop: the already low-quality "
-                             "examples/photos/obama_lowres.jpg, jittered, 24 frames")
+    parser.add_argument(
+        "--write-example",
+        metavar="MP4",
+        help="write the example clip and stop: the already low-quality "
+        "examples/photos/obama_lowres.jpg, jittered, 24 frames",
+    )
     args = parser.parse_args()
     if args.write_example:
         frames, _ = make_clip(read_image(ROOT / "examples/photos/obama_lowres.jpg").rgb8(), 24, damage=lambda f: f)
@@ -181,16 +200,34 @@ def main() -> None:
         return
     faces = Path(args.faces)
     obama_refs = sorted((faces / "obama" / "refs").glob("*"))
-    clips = [Clip("obama", faces / "obama/raw_photos/o9.jpg", 640, [p for p in obama_refs if p.stem != "o9"]),
-             Clip("obama, heavy damage", faces / "obama/raw_photos/o9.jpg", 640,
-                  [p for p in obama_refs if p.stem != "o9"], heavy),
-             Clip("family", ROOT / "examples/photos/family.jpg", 436, []),
-             Clip("two people", faces / "whole/Blake_Lively.jpg", 700, [])]
+    clips = [
+        Clip("obama", faces / "obama/raw_photos/o9.jpg", 640, [p for p in obama_refs if p.stem != "o9"]),
+        Clip(
+            "obama, heavy damage",
+            faces / "obama/raw_photos/o9.jpg",
+            640,
+            [p for p in obama_refs if p.stem != "o9"],
+            heavy,
+        ),
+        Clip("family", ROOT / "examples/photos/family.jpg", 436, []),
+        Clip("two people", faces / "whole/Blake_Lively.jpg", 700, []),
+    ]
     restorer = Restorer(load_model(args.weights, device="cpu"))
-    print(restorer.model.weights_source.notice().splitlines()[0])
+    print(restorer.loaded.notice().splitlines()[0])
     print(f"{args.frames} frames a clip, jitter up to {MAX_SHIFT} px and {MAX_ANGLE} deg; flicker in 0-255 units\n")
-    header = ["clip", "input", "per-frame", "tracked", "floor", "cut", "faces/frame (per-frame)", "tracks",
-              "identity switches per-frame", "identity switches tracked", "identities (tracked)"]
+    header = [
+        "clip",
+        "input",
+        "per-frame",
+        "tracked",
+        "floor",
+        "cut",
+        "faces/frame (per-frame)",
+        "tracks",
+        "identity switches per-frame",
+        "identity switches tracked",
+        "identities (tracked)",
+    ]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for clip in clips:
         if args.clips and clip.name not in args.clips:
@@ -200,9 +237,12 @@ def main() -> None:
             continue
         r = measure(restorer, clip, args.frames)
         cut = r["per-frame"] / max(r["tracked"], 1e-9)
-        print(f"| {clip.name} | {r['input']:.2f} | {r['per-frame']:.2f} | {r['tracked']:.2f} | {r['floor']:.2f} | "
-              f"{cut:.1f}x | {r['faces per frame (per-frame)']} | {r['tracks']} | {r['switches per-frame']} | "
-              f"{r['switches tracked']} | {', '.join(r['identities tracked'])} |", flush=True)
+        print(
+            f"| {clip.name} | {r['input']:.2f} | {r['per-frame']:.2f} | {r['tracked']:.2f} | {r['floor']:.2f} | "
+            f"{cut:.1f}x | {r['faces per frame (per-frame)']} | {r['tracks']} | {r['switches per-frame']} | "
+            f"{r['switches tracked']} | {', '.join(r['identities tracked'])} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ in the API format for /prompt, so the two never drift apart. The templates run a
 model is the bundled demo checkpoint, and the images are the bundled examples, which the pack
 copies into ComfyUI's input folder as ``dmdnet_*.jpg`` (``comfy_nodes.nodes_dmdnet.EXAMPLE_INPUTS``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,29 @@ NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, st
     "ImageBatch": ([], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
     "DMDNetModelLoader": (["model_name", "device", "precision"], [], [("model", "DMDNET_MODEL")]),
-    "DMDNetDetectFaces": (["detector", "min_face_size", "max_faces", "largest_only"], [("image", "IMAGE")],
-                          [("faces", "DMDNET_FACES"), ("aligned_crops", "IMAGE"), ("face_mask", "MASK")]),
-    "DMDNetBuildIdentity": (["name"], [("model", "DMDNET_MODEL"), ("reference_images", "IMAGE"),
-                                       ("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
+    "DMDNetDetectFaces": (
+        ["detector", "min_face", "max_faces", "only_largest"],
+        [("image", "IMAGE")],
+        [("faces", "DMDNET_FACES"), ("aligned_crops", "IMAGE"), ("face_mask", "MASK")],
+    ),
+    "DMDNetBuildIdentity": (
+        ["name"],
+        [("model", "DMDNET_MODEL"), ("reference_images", "IMAGE"), ("identities", "DMDNET_IDENTITY")],
+        [("identities", "DMDNET_IDENTITY")],
+    ),
     "DMDNetSaveIdentity": (["name"], [("identities", "DMDNET_IDENTITY")], []),
     "DMDNetLoadIdentity": (["identity_name"], [("identities", "DMDNET_IDENTITY")], [("identities", "DMDNET_IDENTITY")]),
-    "DMDNetRestoreFaces": (["strength", "match_threshold", "batch_size", "match_margin", "mode", "only_identities",
-                            "temporal", "frame_rate", "keep_colors"],
-                           [("model", "DMDNET_MODEL"), ("image", "IMAGE"), ("faces", "DMDNET_FACES"),
-                            ("identities", "DMDNET_IDENTITY"), ("frame_rate", "FLOAT")],
-                           [("image", "IMAGE"), ("restored_faces", "IMAGE")]),
+    "DMDNetRestoreFaces": (
+        ["strength", "threshold", "batch_size", "margin", "mode", "temporal", "frame_rate", "keep_colours"],
+        [
+            ("model", "DMDNET_MODEL"),
+            ("image", "IMAGE"),
+            ("faces", "DMDNET_FACES"),
+            ("identities", "DMDNET_IDENTITY"),
+            ("frame_rate", "FLOAT"),
+        ],
+        [("image", "IMAGE"), ("restored_faces", "IMAGE")],
+    ),
     "LoadVideo": (["file", "upload"], [], [("VIDEO", "VIDEO")]),
     "GetVideoComponents": ([], [("video", "VIDEO")], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
     "CreateVideo": (["fps"], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], [("VIDEO", "VIDEO")]),
@@ -51,7 +64,7 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
     "dmdnet_restore_faces": {
         1: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         2: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
-        3: ("DMDNetRestoreFaces", [1.0, 0.52, 4, 0.05, "auto", False, False, 25.0, True], {"model": (2, 0), "image": (1, 0)}),
+        3: ("DMDNetRestoreFaces", [1.0, 0.52, 4, 0.05, "auto", False, 25.0, True], {"model": (2, 0), "image": (1, 0)}),
         4: ("SaveImage", ["dmdnet_restored"], {"images": (3, 0)}),
         5: ("SaveImage", ["dmdnet_restored_faces"], {"images": (3, 1)}),
     },
@@ -69,8 +82,11 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         8: ("LoadImage", ["dmdnet_obama_lowres.jpg", "image"], {}),
         9: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
         10: ("ImageBatch", [], {"image1": (8, 0), "image2": (9, 0)}),
-        11: ("DMDNetRestoreFaces", [1.0, 0.52, 4, 0.05, "auto", True, False, 25.0, True],
-             {"model": (6, 0), "image": (10, 0), "identities": (7, 0)}),
+        11: (
+            "DMDNetRestoreFaces",
+            [1.0, 0.52, 4, 0.05, "only-matched", False, 25.0, True],
+            {"model": (6, 0), "image": (10, 0), "identities": (7, 0)},
+        ),
         12: ("SaveImage", ["dmdnet_chosen_people"], {"images": (11, 0)}),
     },
     # A clip through ComfyUI's own video nodes: frames restored as a sequence (tracked, one identity per
@@ -81,8 +97,11 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         7: ("DMDNetBuildIdentity", ["obama"], {"model": (6, 0), "reference_images": (5, 0)}),
         8: ("LoadVideo", ["dmdnet_obama_clip.mp4", "image"], {}),
         9: ("GetVideoComponents", [], {"video": (8, 0)}),
-        10: ("DMDNetRestoreFaces", [1.0, 0.52, 4, 0.05, "auto", False, True, 25.0, True],
-             {"model": (6, 0), "image": (9, 0), "identities": (7, 0), "frame_rate": (9, 2)}),
+        10: (
+            "DMDNetRestoreFaces",
+            [1.0, 0.52, 4, 0.05, "auto", True, 25.0, True],
+            {"model": (6, 0), "image": (9, 0), "identities": (7, 0), "frame_rate": (9, 2)},
+        ),
         11: ("CreateVideo", [25.0], {"images": (10, 0), "audio": (9, 1), "fps": (9, 2)}),
         12: ("SaveVideo", ["video/dmdnet_restored", "auto", "auto"], {"video": (11, 0)}),
     },
@@ -111,19 +130,42 @@ def ui_format(graph: dict) -> dict:
     link_of = {(l[3], l[4]): l[0] for l in links}
     for order, (node_id, (cls, widgets, _)) in enumerate(graph.items()):
         _, link_inputs, outputs = NODE_SPECS[cls]
-        nodes.append({
-            "id": node_id, "type": cls, "pos": [60 + 380 * (order % 4), 60 + 360 * (order // 4)], "size": [340, 300],
-            "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": n, "type": t, "link": link_of.get((node_id, i)),
-                        **({"widget": {"name": n}} if n in NODE_SPECS[cls][0] else {})}
-                       for i, (n, t) in enumerate(link_inputs)],
-            "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
-                        for i, (n, t) in enumerate(outputs)],
-            "properties": {"Node name for S&R": cls},
-            "widgets_values": widgets,
-        })
-    return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+        nodes.append(
+            {
+                "id": node_id,
+                "type": cls,
+                "pos": [60 + 380 * (order % 4), 60 + 360 * (order // 4)],
+                "size": [340, 300],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": [
+                    {
+                        "name": n,
+                        "type": t,
+                        "link": link_of.get((node_id, i)),
+                        **({"widget": {"name": n}} if n in NODE_SPECS[cls][0] else {}),
+                    }
+                    for i, (n, t) in enumerate(link_inputs)
+                ],
+                "outputs": [
+                    {"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
+                    for i, (n, t) in enumerate(outputs)
+                ],
+                "properties": {"Node name for S&R": cls},
+                "widgets_values": widgets,
+            }
+        )
+    return {
+        "last_node_id": max(graph),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
 
 
 def main(folder: Path = FOLDER) -> None:

@@ -6,9 +6,9 @@ dmdnet_plugin's Restorer, the same code the CLI and the Gradio demo run. IMAGE i
 ComfyUI's own comfy_extras nodes: ``io.ComfyNode`` classes with ``define_schema`` and
 ``execute``, listed by a ``ComfyExtension`` (``comfy_entrypoint``).
 """
+
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -16,30 +16,32 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+import numpy as np
+import torch
 from comfy_api.latest import ComfyExtension, io
+
 from dmdnet_plugin.components import CROP_SIZE
 from dmdnet_plugin.face_helper import MIN_FACE, AlignedFace, Detection, FaceHelper
-from dmdnet_plugin.faces import DETECTORS, get_backend
+from dmdnet_plugin.faces import DETECTORS, shared_backend
+from dmdnet_plugin.factory import load_restorer
 from dmdnet_plugin.identity import IdentityDictionary
 from dmdnet_plugin.io import Picture
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
-from dmdnet_plugin.pipeline import Mode, Restorer
+from dmdnet_plugin.pipeline import ClipStatus, Mode
 from dmdnet_plugin.runtime import PRECISIONS, pick_precision
-from dmdnet_plugin.tracking import CropSmoother, track_frames
-from dmdnet_plugin.weights import BUNDLED, load_model
+from dmdnet_plugin.weights import BUNDLED, LoadedModel, load_model
 
 MODEL_FOLDERS = ("dmdnet", "facerestore_models")
 IDENTITY_FOLDER = "dmdnet_identities"
 CATEGORY = "DMDNet"
-FRAMES_PER_RUN = 8  # frames restored per Restorer.run: bounds a long batch's memory (detections are kept)
-MODE_HELP = ("auto: faces matching an identity use it, the rest generic; generic: ignore identities; "
-             "identity: every face with the (single) identity; only-matched: unmatched faces stay as they are")
+MODE_HELP = (
+    "auto: faces matching an identity use it, the rest generic; generic: ignore identities; "
+    "identity: every face with the (single) identity; only-matched: only the faces that match one of the "
+    "identities are restored, every other face stays exactly as it was"
+)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_INPUTS = {  # name in ComfyUI's input folder -> bundled example; the templates load these
     "dmdnet_family.jpg": "photos/family.jpg",
@@ -61,8 +63,11 @@ def register_folders() -> None:
     already added for these names are kept (ComfyUI reads it before it loads custom nodes), and the
     default folder goes first; then the file extensions are set, which that function leaves empty.
     """
-    for name, exts in ((MODEL_FOLDERS[0], {".pth", ".safetensors"}), (MODEL_FOLDERS[1], {".pth", ".safetensors"}),
-                       (IDENTITY_FOLDER, {".safetensors"})):
+    for name, exts in (
+        (MODEL_FOLDERS[0], {".pth", ".safetensors"}),
+        (MODEL_FOLDERS[1], {".pth", ".safetensors"}),
+        (IDENTITY_FOLDER, {".safetensors"}),
+    ):
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
         paths, known = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(known) | exts)
@@ -80,26 +85,19 @@ def install_example_inputs() -> None:
             shutil.copyfile(EXAMPLES / source, target / name)
 
 
-register_folders()
-install_example_inputs()
+def run_device(device: str) -> torch.device:
+    """Where a node runs: "auto" is ComfyUI's torch device."""
+    return mm.get_torch_device() if device == "auto" else torch.device(device)
 
 
-@functools.lru_cache(maxsize=None)
-def backend(detector: str = "auto"):
-    """Face backends load their model files once per ComfyUI process."""
-    return get_backend(detector)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ModelHandle:
-    """What flows on a DMDNET_MODEL wire: the net (kept on the offload device between runs)."""
+    """What flows on a DMDNET_MODEL wire: the loaded model (its net kept on the offload device
+    between runs), the file it came from and where it runs."""
 
-    net: torch.nn.Module
+    model: LoadedModel
     name: str
     device: str = "auto"  # "auto": ComfyUI's torch device
-
-    def run_device(self) -> torch.device:
-        return mm.get_torch_device() if self.device == "auto" else torch.device(self.device)
 
 
 @dataclass(frozen=True)
@@ -131,29 +129,32 @@ def _crops_image(crops: list[np.ndarray]) -> torch.Tensor:
 
 
 class _OnDevice:
-    """Move the net to ComfyUI's torch device for one run and back to the offload device after."""
+    """Move the net to the handle's device for one run and back to the offload device after."""
 
-    def __init__(self, model: ModelHandle) -> None:
-        self.model = model
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
 
-    def __enter__(self) -> torch.nn.Module:
-        device = self.model.run_device()
-        mm.free_memory(mm.module_size(self.model.net) + 2 * 1024**3, device)  # weights + activations
-        return self.model.net.to(device)
+    def __enter__(self) -> LoadedModel:
+        net, device = self.handle.model.net, run_device(self.handle.device)
+        mm.free_memory(mm.module_size(net) + 2 * 1024**3, device)  # weights + activations
+        net.to(device)
+        return self.handle.model
 
     def __exit__(self, *exc) -> None:
-        self.model.net.to(mm.unet_offload_device())
+        self.handle.model.net.to(mm.unet_offload_device())
         mm.soft_empty_cache()
 
 
 def _progress():
-    """A progress callback for Restorer.run: a ComfyUI bar over faces, and cancel between batches."""
+    """A progress callback for Restorer.run_clip: a ComfyUI bar over the faces being restored, and
+    cancel between frames while tracking and between model calls while restoring."""
     bar = None
 
-    def update(done: int, total: int) -> None:
+    def update(status: ClipStatus) -> None:
         nonlocal bar
-        bar = bar or comfy.utils.ProgressBar(total)
-        bar.update_absolute(done, total)
+        if status.stage == "restoring" and status.n_faces:
+            bar = bar or comfy.utils.ProgressBar(status.n_faces)
+            bar.update_absolute(status.faces_done, status.n_faces)
         mm.throw_exception_if_processing_interrupted()
 
     return update
@@ -166,19 +167,29 @@ class DMDNetModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)})
         return io.Schema(
-            node_id="DMDNetModelLoader", display_name="DMDNet Model Loader", category=CATEGORY,
+            node_id="DMDNetModelLoader",
+            display_name="DMDNet Model Loader",
+            category=CATEGORY,
             description="Loads a DMDNet checkpoint (the authors' DMDNet.pth, .safetensors or a BasicSR checkpoint).",
             inputs=[
-                io.Combo.Input("model_name", options=names,
-                               tooltip="checkpoint in models/dmdnet or models/facerestore_models (the bundled "
-                                       "dmdnet_demo.safetensors is a small demo model)"),
-                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
-                               tooltip="auto: ComfyUI's device"),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="auto: fp16 on CUDA, fp32 on CPU"),
+                io.Combo.Input(
+                    "model_name",
+                    options=names,
+                    tooltip="checkpoint in models/dmdnet or models/facerestore_models (the bundled "
+                    "dmdnet_demo.safetensors is a small demo model)",
+                ),
+                io.Combo.Input(
+                    "device", options=["auto", "cpu", "cuda"], default="auto", tooltip="auto: ComfyUI's device"
+                ),
+                io.Combo.Input(
+                    "precision", options=list(PRECISIONS), default="auto", tooltip="auto: fp16 on CUDA, fp32 on CPU"
+                ),
             ],
-            outputs=[ModelType.Output(display_name="model", tooltip="the loaded DMDNet, kept on the offload "
-                                                                    "device between runs")],
+            outputs=[
+                ModelType.Output(
+                    display_name="model", tooltip="the loaded DMDNet, kept on the offload device between runs"
+                )
+            ],
         )
 
     @classmethod
@@ -186,11 +197,11 @@ class DMDNetModelLoader(io.ComfyNode):
         path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, model_name))), None)
         if path is None:
             raise FileNotFoundError(f"DMDNet checkpoint {model_name} not found in models/dmdnet")
-        model = ModelHandle(None, model_name, device)
-        model.net = load_model(path, device=mm.unet_offload_device(),
-                               dtype=pick_precision(precision, model.run_device()))
-        log.info("DMDNet Model Loader: %s", model.net.weights_source.notice())
-        return io.NodeOutput(model)
+        loaded = load_model(
+            path, device=mm.unet_offload_device(), precision=pick_precision(precision, run_device(device))
+        )
+        log.info("DMDNet Model Loader: %s", loaded.notice())
+        return io.NodeOutput(ModelHandle(loaded, model_name, device))
 
 
 class DMDNetDetectFaces(io.ComfyNode):
@@ -199,15 +210,17 @@ class DMDNetDetectFaces(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DMDNetDetectFaces", display_name="DMDNet Detect Faces", category=CATEGORY,
+            node_id="DMDNetDetectFaces",
+            display_name="DMDNet Detect Faces",
+            category=CATEGORY,
             description="Finds faces, aligns each to the 512x512 template and returns the crops and a mask of the "
-                        "face regions.",
+            "face regions.",
             inputs=[
                 io.Image.Input("image", tooltip="photos or a clip's frames"),
                 io.Combo.Input("detector", options=list(DETECTORS), default="auto", tooltip=DETECTORS["auto"]),
-                io.Int.Input("min_face_size", default=MIN_FACE, min=8, max=4096, tooltip="skip narrower faces (px)"),
+                io.Int.Input("min_face", default=MIN_FACE, min=8, max=4096, tooltip="skip narrower faces (px)"),
                 io.Int.Input("max_faces", default=0, min=0, max=256, tooltip="0: all faces"),
-                io.Boolean.Input("largest_only", default=False, tooltip="keep only the largest face of each image"),
+                io.Boolean.Input("only_largest", default=False, tooltip="keep only the largest face of each image"),
             ],
             outputs=[
                 FacesType.Output(display_name="faces", tooltip="the aligned faces, for DMDNet Restore Faces"),
@@ -217,11 +230,16 @@ class DMDNetDetectFaces(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image: torch.Tensor, detector: str, min_face_size: int, max_faces: int,
-                largest_only: bool) -> io.NodeOutput:
-        helper = FaceHelper(backend(detector), min_face=min_face_size, max_faces=max_faces or None,
-                            only_largest=largest_only)
-        wire = FacesWire(tuple(helper.find(_pictures(image, "DMDNet Detect Faces", min_face_size))))
+    def execute(
+        cls, image: torch.Tensor, detector: str, min_face: int, max_faces: int, only_largest: bool
+    ) -> io.NodeOutput:
+        helper = FaceHelper(
+            shared_backend(detector, device=mm.get_torch_device().type),
+            min_face=min_face,
+            max_faces=max_faces or None,
+            only_largest=only_largest,
+        )
+        wire = FacesWire(tuple(helper.find(_pictures(image, "DMDNet Detect Faces", min_face))))
         if not wire.faces:
             log.warning("DMDNet Detect Faces: no face found")
         masks = FaceHelper.masks(wire.faces, [tuple(image.shape[1:3])] * image.shape[0])
@@ -234,26 +252,33 @@ class DMDNetBuildIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DMDNetBuildIdentity", display_name="DMDNet Build Identity Dictionary", category=CATEGORY,
+            node_id="DMDNetBuildIdentity",
+            display_name="DMDNet Build Identity Dictionary",
+            category=CATEGORY,
             description="Builds a person's identity dictionary from reference photos (once; save it to reuse).",
             inputs=[
                 ModelType.Input("model", tooltip="from DMDNet Model Loader; a dictionary fits only this model"),
-                io.Image.Input("reference_images", tooltip="a few good photos of one person; the largest face of "
-                                                          "each is used"),
+                io.Image.Input(
+                    "reference_images", tooltip="a few good photos of one person; the largest face of each is used"
+                ),
                 io.String.Input("name", default="person", tooltip="the person's name, shown in reports"),
-                IdentitiesType.Input("identities", optional=True,
-                                     tooltip="chain: identities to keep alongside the new one"),
+                IdentitiesType.Input(
+                    "identities", optional=True, tooltip="chain: identities to keep alongside the new one"
+                ),
             ],
-            outputs=[IdentitiesType.Output(display_name="identities", tooltip="the chained identities and the new one")],
+            outputs=[
+                IdentitiesType.Output(display_name="identities", tooltip="the chained identities and the new one")
+            ],
         )
 
     @classmethod
-    def execute(cls, model: ModelHandle, reference_images: torch.Tensor, name: str,
-                identities: list | None = None) -> io.NodeOutput:
+    def execute(
+        cls, model: ModelHandle, reference_images: torch.Tensor, name: str, identities: list | None = None
+    ) -> io.NodeOutput:
         pictures = _pictures(reference_images, "DMDNet Build Identity")
         refs = [(f"reference {i + 1}", p.rgb()) for i, p in enumerate(pictures)]
-        with _OnDevice(model) as net:
-            ident, rejected = Restorer(net, FaceHelper(backend())).build_identity(refs, name=name or None)
+        with _OnDevice(model) as loaded:
+            ident, rejected = load_restorer(loaded).build_identity(refs, name=name or None)
         for reason in rejected:
             log.warning("DMDNet Build Identity: %s", reason)
         return io.NodeOutput(list(identities or []) + [ident])
@@ -277,7 +302,9 @@ class DMDNetSaveIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DMDNetSaveIdentity", display_name="DMDNet Save Identity Dictionary", category=CATEGORY,
+            node_id="DMDNetSaveIdentity",
+            display_name="DMDNet Save Identity Dictionary",
+            category=CATEGORY,
             description="Saves the (last) identity dictionary to models/dmdnet_identities/NAME.safetensors.",
             inputs=[
                 IdentitiesType.Input("identities", tooltip="the last of the chain is saved"),
@@ -301,11 +328,16 @@ class DMDNetLoadIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DMDNetLoadIdentity", display_name="DMDNet Load Identity Dictionary", category=CATEGORY,
+            node_id="DMDNetLoadIdentity",
+            display_name="DMDNet Load Identity Dictionary",
+            category=CATEGORY,
             description="Loads a saved identity dictionary; chain several, each face gets the nearest one.",
             inputs=[
-                io.Combo.Input("identity_name", options=folder_paths.get_filename_list(IDENTITY_FOLDER),
-                               tooltip="a dictionary in models/dmdnet_identities"),
+                io.Combo.Input(
+                    "identity_name",
+                    options=folder_paths.get_filename_list(IDENTITY_FOLDER),
+                    tooltip="a dictionary in models/dmdnet_identities",
+                ),
                 IdentitiesType.Input("identities", optional=True, tooltip="chain several identities"),
             ],
             outputs=[IdentitiesType.Output(display_name="identities", tooltip="the chained identities and this one")],
@@ -322,35 +354,72 @@ class DMDNetRestoreFaces(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DMDNetRestoreFaces", display_name="DMDNet Restore Faces", category=CATEGORY,
+            node_id="DMDNetRestoreFaces",
+            display_name="DMDNet Restore Faces",
+            category=CATEGORY,
             description="Restores every face (with its identity for faces that match one) and pastes them back.",
             inputs=[
                 ModelType.Input("model", tooltip="from DMDNet Model Loader"),
                 io.Image.Input("image", tooltip="photos or a clip's frames"),
-                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="blend of the restored faces over the original"),
-                io.Float.Input("match_threshold", default=DEFAULT_THRESHOLD, min=0.0, max=2.0, step=0.01,
-                               tooltip="largest face-embedding distance that counts as the same person"),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="blend of the restored faces over the original",
+                ),
+                io.Float.Input(
+                    "threshold",
+                    default=DEFAULT_THRESHOLD,
+                    min=0.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="largest face-embedding distance that counts as the same person",
+                ),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="faces per model call"),
-                io.Float.Input("match_margin", default=DEFAULT_MARGIN, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="the nearest identity must be this much nearer than the second-nearest, or "
-                                       "the face stays unmatched (0: the nearest wins)"),
+                io.Float.Input(
+                    "margin",
+                    default=DEFAULT_MARGIN,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="the nearest identity must be this much nearer than the second-nearest, or "
+                    "the face stays unmatched (0: the nearest wins)",
+                ),
                 FacesType.Input("faces", optional=True, tooltip="from DMDNet Detect Faces; detected here when absent"),
-                IdentitiesType.Input("identities", optional=True,
-                                     tooltip="each face is restored with the nearest identity, if close enough"),
-                io.Combo.Input("mode", options=[m.value for m in Mode], default=Mode.AUTO.value, optional=True,
-                               tooltip=MODE_HELP),
-                io.Boolean.Input("only_identities", default=False, optional=True,
-                                 tooltip="restore only the faces that match one of the identities; every other face "
-                                         "stays exactly as it was (the only-matched mode)"),
-                io.Boolean.Input("temporal", default=False, optional=True,
-                                 tooltip="the batch is a clip's frames, in order: track each face, align it steadily, "
-                                         "smooth it over time and give it one identity for the whole clip"),
-                io.Float.Input("frame_rate", default=25.0, min=1.0, max=240.0, step=1.0, optional=True,
-                               tooltip="the clip's frames per second (with temporal; wire Get Video Components' fps)"),
-                io.Boolean.Input("keep_colors", default=True, optional=True,
-                                 tooltip="restored faces keep the image's broad colors and take only fine detail from "
-                                         "the model (off: the model's colors, which may drift)"),
+                IdentitiesType.Input(
+                    "identities",
+                    optional=True,
+                    tooltip="each face is restored with the nearest identity, if close enough",
+                ),
+                io.Combo.Input(
+                    "mode", options=[m.value for m in Mode], default=Mode.AUTO.value, optional=True, tooltip=MODE_HELP
+                ),
+                io.Boolean.Input(
+                    "temporal",
+                    default=False,
+                    optional=True,
+                    tooltip="the batch is a clip's frames, in order: track each face, align it steadily, "
+                    "smooth it over time and give it one identity for the whole clip",
+                ),
+                io.Float.Input(
+                    "frame_rate",
+                    default=25.0,
+                    min=1.0,
+                    max=240.0,
+                    step=1.0,
+                    optional=True,
+                    tooltip="the clip's frames per second (with temporal; wire Get Video Components' fps)",
+                ),
+                io.Boolean.Input(
+                    "keep_colours",
+                    default=True,
+                    optional=True,
+                    tooltip="restored faces keep the image's broad colours and take only fine detail "
+                    "from the model (off: the model's colours, which may drift)",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="the images with the restored faces pasted back"),
@@ -359,49 +428,75 @@ class DMDNetRestoreFaces(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: ModelHandle, image: torch.Tensor, strength: float, match_threshold: float,
-                batch_size: int, match_margin: float = DEFAULT_MARGIN, faces: FacesWire | None = None,
-                identities: list | None = None, mode: str = Mode.AUTO.value, only_identities: bool = False,
-                temporal: bool = False, frame_rate: float = 25.0, keep_colors: bool = True) -> io.NodeOutput:
-        mode = Mode.ONLY_MATCHED.value if only_identities else mode
+    def execute(
+        cls,
+        model: ModelHandle,
+        image: torch.Tensor,
+        strength: float,
+        threshold: float,
+        batch_size: int,
+        margin: float = DEFAULT_MARGIN,
+        faces: FacesWire | None = None,
+        identities: list | None = None,
+        mode: str = Mode.AUTO.value,
+        temporal: bool = False,
+        frame_rate: float = 25.0,
+        keep_colours: bool = True,
+    ) -> io.NodeOutput:
         pictures = _pictures(image, "DMDNet Restore Faces")
         if temporal and faces is not None:
-            raise ValueError("DMDNet Restore Faces: with temporal on, faces are tracked here; disconnect the faces input")
-        with _OnDevice(model) as net:
-            restorer = Restorer(net, FaceHelper(backend()), identities or (), threshold=match_threshold,
-                                batch_size=batch_size, margin=match_margin)
-            smoother = CropSmoother() if temporal else None
-            if temporal:
-                detections = track_frames((p.rgb() for p in pictures), restorer.helper, frame_rate).detections(
-                    restorer.helper, pictures)
-            else:
-                detections = restorer.helper.find(pictures) if faces is None else list(faces.detections)
-            if len(detections) != len(pictures):
-                raise ValueError(f"DMDNet Restore Faces: the faces input was detected on {len(detections)} images, "
-                                 f"this batch has {len(pictures)}")
-            total, update = sum(len(d.faces) for d in detections), _progress()
-            frames, restored, done = torch.empty_like(image, dtype=torch.float32, device="cpu"), [], 0
-            for start in range(0, len(pictures), FRAMES_PER_RUN):  # a clip's intermediates never all at once
-                part = slice(start, start + FRAMES_PER_RUN)
-                results = restorer.run(pictures[part], mode, strength=strength, detections=detections[part],
-                                       progress=lambda d, _t, base=done: update(base + d, total), smoother=smoother,
-                                       colours=keep_colors)
-                done += sum(len(d.faces) for d in detections[part])
-                for i, r in enumerate(results, start):
-                    frames[i] = torch.from_numpy(r.pixels)
-                frames[part].clamp_(0, 1)
-                restored += [f.restored for r in results for f in r.faces if f.restored is not None]
-        if not total:
+            raise ValueError(
+                "DMDNet Restore Faces: with temporal on, faces are tracked here; disconnect the faces input"
+            )
+        if faces is not None and len(faces.detections) != len(pictures):
+            raise ValueError(
+                f"DMDNet Restore Faces: the faces input was detected on {len(faces.detections)} images, "
+                f"this batch has {len(pictures)}"
+            )
+        frames, restored, seen = torch.empty_like(image, dtype=torch.float32, device="cpu"), [], 0
+        with _OnDevice(model) as loaded:
+            restorer = load_restorer(
+                loaded, identities=identities or (), threshold=threshold, margin=margin, batch_size=batch_size
+            )
+            found = faces.detections if faces is not None else None
+            if not temporal and faces is None:  # found up front, so that the progress bar knows the faces
+                found = restorer.helper.find(pictures)
+            clip = restorer.run_clip(
+                lambda: iter(pictures),
+                mode,
+                strength=strength,
+                temporal=temporal,
+                rate=frame_rate,
+                keep_colours=keep_colours,
+                detections=found,
+                n_frames=len(pictures),
+                progress=_progress(),
+            )
+            for i, result in enumerate(clip.results):
+                frames[i] = torch.from_numpy(result.pixels).clamp_(0, 1)
+                restored += [f.restored for f in result.faces if f.restored is not None]
+                seen += len(result.faces)
+        if not seen:
             log.warning("DMDNet Restore Faces: no face found, the image passes through unchanged")
         return io.NodeOutput(frames, _crops_image(restored))
 
 
-NODES: list[type[io.ComfyNode]] = [DMDNetModelLoader, DMDNetDetectFaces, DMDNetBuildIdentity, DMDNetSaveIdentity,
-                                   DMDNetLoadIdentity, DMDNetRestoreFaces]
+NODES: list[type[io.ComfyNode]] = [
+    DMDNetModelLoader,
+    DMDNetDetectFaces,
+    DMDNetBuildIdentity,
+    DMDNetSaveIdentity,
+    DMDNetLoadIdentity,
+    DMDNetRestoreFaces,
+]
 
 
 class DMDNetExtension(ComfyExtension):
-    """The pack as ComfyUI's V3 loader sees it."""
+    """The pack as ComfyUI's V3 loader sees it: one-time set-up in ``on_load``, then the nodes."""
+
+    async def on_load(self) -> None:
+        register_folders()
+        install_example_inputs()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return NODES

@@ -1,16 +1,23 @@
 """DMDNet face restoration: one core for the CLI, BasicSR, ComfyUI and Gradio."""
+
 from .components import boxes_from_landmarks
+from .factory import load_restorer
 from .identity import IdentityDictionary, IdentityError
 from .model import DMDNet
-from .weights import WeightsError, convert, load_model
+from .pipeline import Mode, Restorer
+from .weights import LoadedModel, WeightsError, convert, load_model
 
 __all__ = [
     "DMDNet",
     "IdentityDictionary",
     "IdentityError",
+    "LoadedModel",
+    "Mode",
+    "Restorer",
     "WeightsError",
     "boxes_from_landmarks",
     "convert",
     "load_model",
+    "load_restorer",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

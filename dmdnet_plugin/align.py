@@ -6,6 +6,7 @@ points of the 68 landmarks maps each face there. The paste-back warps the restor
 and a feathered mask back with the inverse transform and only writes pixels under the mask,
 so everything away from the faces keeps its exact original values.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,13 @@ from .components import CROP_SIZE, boxes_from_landmarks
 from .io import full_scale
 
 FFHQ_5 = np.array(
-    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]]
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ]
 )
 # Mean 68 landmarks of the authors' aligned CelebRef references (dmdnet_plugin/data/template68.txt).
 TEMPLATE_68 = np.loadtxt(Path(__file__).parent / "data" / "template68.txt")
@@ -59,7 +66,9 @@ def warp_face(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         rgb = cv2.resize(rgb, (max(1, w // shrink), max(1, h // shrink)), interpolation=cv2.INTER_AREA)
         matrix = matrix.copy()
         matrix[:, :2] *= shrink
-    return cv2.warpAffine(rgb, matrix, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return cv2.warpAffine(
+        rgb, matrix, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+    )
 
 
 def plausible(landmarks_crop: np.ndarray | None) -> bool:
@@ -91,8 +100,9 @@ CROP_MASK = _feather_mask()
 
 def face_mask(height: int, width: int, matrix: np.ndarray) -> np.ndarray:
     """How strongly :func:`paste_face` blends this face into each pixel of an image that size."""
-    return cv2.warpAffine(CROP_MASK, cv2.invertAffineTransform(matrix), (width, height), flags=cv2.INTER_LINEAR,
-                          borderValue=0)
+    return cv2.warpAffine(
+        CROP_MASK, cv2.invertAffineTransform(matrix), (width, height), flags=cv2.INTER_LINEAR, borderValue=0
+    )
 
 
 def paste_face(canvas: np.ndarray, crop: np.ndarray, matrix: np.ndarray, strength: float = 1.0) -> None:

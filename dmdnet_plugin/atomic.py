@@ -1,11 +1,12 @@
 """Atomic file writes: a crash or an error never leaves a half-written output behind."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

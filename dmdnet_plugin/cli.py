@@ -3,27 +3,29 @@
 Errors about one input are one line on stderr naming the file; the batch goes on and the
 exit status is 1 if any input failed. No traceback reaches the user.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from .atomic import atomic_path
 from .face_helper import MIN_FACE, FaceHelper
-from .faces import DETECTORS, DlibBackend, Face, get_backend, landmark_path, write_landmarks
+from .faces import DETECTORS, Face, FaceBackend, landmark_path, shared_backend, write_landmarks
+from .factory import load_restorer
 from .identity import IdentityDictionary, IdentityError
 from .io import IMAGE_EXTENSIONS, ImageError, Picture, list_images, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
-from .pipeline import Mode, Restorer, save_faces
+from .pipeline import ClipStatus, Mode, Restorer, checked_mode, save_faces
 from .runtime import PRECISIONS
 from .video import VIDEO_EXTENSIONS, VideoError, is_video, restore_video
-from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights, load_model
+from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights
 
 
 class CliError(Exception):
@@ -35,27 +37,31 @@ def _error(message: str) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="checkpoint (.pth or .safetensors); default: see README, 'Weights'")
+    p.add_argument("--weights", help="checkpoint (.pth or .safetensors); default: see docs/weights.md")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute precision (default auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="compute precision (default auto: fp16 on CUDA, fp32 on CPU)",
+    )
     _detector_args(p)
 
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", default="auto", choices=list(DETECTORS),
-                   help="; ".join(f"{k}: {v}" for k, v in DETECTORS.items()))
+    p.add_argument(
+        "--detector", default="auto", choices=list(DETECTORS), help="; ".join(f"{k}: {v}" for k, v in DETECTORS.items())
+    )
     p.add_argument("--face-models", help="folder with facexlib RetinaFace weights (or $DMDNET_FACEXLIB_DIR)")
 
 
-def _restorer(args, identities: Sequence[IdentityDictionary] = (), threshold: float = DEFAULT_THRESHOLD,
-              batch_size: int = 4, margin: float = DEFAULT_MARGIN, **helper_options) -> Restorer:
-    """The model (saying which weights it runs), a face helper on its device, and the Restorer."""
-    model = load_model(args.weights, device=args.device, dtype=args.precision)
-    tqdm.write(model.weights_source.notice(), file=sys.stderr)
-    backend = get_backend(args.detector, args.face_models, device=next(model.parameters()).device.type)
-    return Restorer(model, FaceHelper(backend, **helper_options), identities, threshold=threshold,
-                    batch_size=batch_size, margin=margin)
+def _restorer(args, identities: Sequence[IdentityDictionary] = (), **options) -> Restorer:
+    """The restorer for ``args`` (weights, device, precision, detector), saying which weights it runs."""
+    restorer = load_restorer(
+        args.weights, args.device, args.precision, args.detector, args.face_models, identities, **options
+    )
+    tqdm.write(restorer.loaded.notice(), file=sys.stderr)
+    return restorer
 
 
 def _refuse_overwrite(src: Path, dst: Path) -> None:
@@ -65,17 +71,17 @@ def _refuse_overwrite(src: Path, dst: Path) -> None:
 
 
 def cmd_restore(args) -> int:
-    if args.only_identities:
-        if args.mode not in (Mode.AUTO.value, Mode.ONLY_MATCHED.value):
-            raise CliError(f"--only-identities is --mode only-matched; it cannot be combined with --mode {args.mode}")
-        if not args.identity:
-            raise CliError("--only-identities needs at least one --identity (the people to restore)")
-        args.mode = Mode.ONLY_MATCHED.value
-    if args.mode == Mode.IDENTITY and len(args.identity) != 1:
-        raise CliError("--mode identity needs exactly one --identity")
     identities = [IdentityDictionary.load(p) for p in args.identity]
-    restorer = _restorer(args, identities, args.threshold, args.batch, args.margin, min_face=args.min_face,
-                         only_largest=args.only_largest)
+    checked_mode(args.mode, identities)  # before the model loads: a wrong command fails at once
+    restorer = _restorer(
+        args,
+        identities,
+        threshold=args.threshold,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        min_face=args.min_face,
+        only_largest=args.only_largest,
+    )
     out_dir = Path(args.output)
     files = list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
     if not files:
@@ -97,23 +103,28 @@ def cmd_restore(args) -> int:
         report.append(entry)
     if args.report:
         with atomic_path(args.report) as tmp:
-            tmp.write_text(json.dumps({"weights": restorer.model.weights_source.record(), "files": report},
-                                      indent=2) + "\n")
+            tmp.write_text(json.dumps({"weights": restorer.loaded.record(), "files": report}, indent=2) + "\n")
     counts = {s: sum(e["status"] == s for e in report) for s in ("ok", "no_face", "error")}
-    print(f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {out_dir}",
-          file=sys.stderr)
+    print(
+        f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {out_dir}",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 
 def _restore_photo(restorer: Restorer, src: Path, dst: Path, args) -> dict:
     """One photo; its report fields."""
-    result = restorer.run([read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale,
-                          colours=not args.model_colours)[0]
+    result = restorer.run(
+        [read_image(src)], args.mode, aligned=args.aligned, upscale=args.upscale, keep_colours=args.keep_colours
+    )[0]
     write_image(dst, result.pixels, result.alpha)
     if args.save_faces:
         save_faces(result, dst.parent, src.stem)
-    entry = {"output": str(dst), "status": "ok" if result.faces else "no_face",
-             "faces": [f.record() for f in result.faces]}
+    entry = {
+        "output": str(dst),
+        "status": "ok" if result.faces else "no_face",
+        "faces": [f.record() for f in result.faces],
+    }
     if result.skipped:
         entry["skipped_faces"] = list(result.skipped)
     return entry
@@ -124,14 +135,16 @@ def _restore_video(restorer: Restorer, src: Path, dst: Path, args) -> dict:
     if args.upscale != 1.0 or args.aligned:
         raise VideoError(f"{src}: --upscale and --aligned are for photos; a video keeps its size")
     with tqdm(desc=src.name, unit="frame", disable=not sys.stderr.isatty()) as bar:
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.set_description(f"{src.name}: {stage}")
-            bar.total = total
-            bar.n = done
+
+        def progress(status: ClipStatus) -> None:
+            bar.set_description(f"{src.name}: {status.stage}")
+            bar.total = status.n_frames
+            bar.n = status.frames_done
             bar.refresh()
 
-        entry = restore_video(restorer, src, dst, args.mode, temporal=not args.per_frame, progress=progress,
-                              colours=not args.model_colours)
+        entry = restore_video(
+            restorer, src, dst, args.mode, temporal=args.temporal, progress=progress, keep_colours=args.keep_colours
+        )
     return {"output": str(dst), "status": "ok" if entry["faces_restored"] else "no_face", **entry}
 
 
@@ -142,8 +155,11 @@ def cmd_identity_build(args) -> int:
     if args.extend:
         ident = IdentityDictionary.load(args.extend).extend(ident)
     ident.save(args.output)
-    print(f"{args.output}: identity {args.name or '(unnamed)'} from {ident.n_refs} references"
-          f"{f', {len(rejected)} rejected' if rejected else ''}", file=sys.stderr)
+    print(
+        f"{args.output}: identity {args.name or '(unnamed)'} from {ident.n_refs} references"
+        f"{f', {len(rejected)} rejected' if rejected else ''}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -171,7 +187,7 @@ def _for_each_image(items: Sequence[str], desc: str, work: Callable[[Path, Path]
     return done
 
 
-def _largest_face(backend: DlibBackend, src: Path, picture: Picture) -> Face:
+def _largest_face(backend: FaceBackend, src: Path, picture: Picture) -> Face:
     faces = backend.detect(picture.rgb8())
     if not faces:
         raise ImageError(f"{src}: no face found")
@@ -180,7 +196,7 @@ def _largest_face(backend: DlibBackend, src: Path, picture: Picture) -> Face:
 
 def cmd_landmarks(args) -> int:
     """Cache 68-point landmarks beside training images (NAME.png.txt, the authors' format)."""
-    backend = get_backend(args.detector, args.face_models)
+    backend = shared_backend(args.detector, args.face_models)
     lm_root = Path(args.landmarks_root) if args.landmarks_root else None
 
     def landmarks(src: Path, root: Path) -> str:
@@ -199,7 +215,7 @@ def cmd_crops(args) -> int:
     """Cut the largest face of each photo to an aligned 512x512 training crop with its landmarks,
     keeping subfolders (one per person for BasicSR's ``identities`` layout). A face that would be
     enlarged more than ``--max-upscale`` is left out: an enlarged face is a blurred target."""
-    helper = FaceHelper(get_backend(args.detector, args.face_models))
+    helper = FaceHelper(shared_backend(args.detector, args.face_models))
     out = Path(args.output)
     lm_root = Path(args.landmarks_root) if args.landmarks_root else None
 
@@ -209,8 +225,10 @@ def cmd_crops(args) -> int:
         picture = read_image(src)
         face = helper.align(picture.rgb(), _largest_face(helper.backend, src, picture))
         if face.enlargement > args.max_upscale:
-            _error(f"{src}: face left out, it would be enlarged {face.enlargement:.2f}x "
-                   f"(more than --max-upscale {args.max_upscale})")
+            _error(
+                f"{src}: face left out, it would be enlarged {face.enlargement:.2f}x "
+                f"(more than --max-upscale {args.max_upscale})"
+            )
             return "small"
         target.parent.mkdir(parents=True, exist_ok=True)
         write_image(target, to_uint8(face.crop))
@@ -218,8 +236,10 @@ def cmd_crops(args) -> int:
         return "written"
 
     done = _for_each_image(args.inputs, "crops", crop)
-    print(f"{done['written']} crops written, {done['small']} faces too small, {done['failed']} images failed",
-          file=sys.stderr)
+    print(
+        f"{done['written']} crops written, {done['small']} faces too small, {done['failed']} images failed",
+        file=sys.stderr,
+    )
     return 1 if done["failed"] else 0
 
 
@@ -244,7 +264,9 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmdnet", description="DMDNet blind face restoration with identity dictionaries")
+    parser = argparse.ArgumentParser(
+        prog="dmdnet", description="DMDNet blind face restoration with identity dictionaries"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("restore", help="restore every face of photos and videos")
@@ -252,29 +274,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR/<name of input>)")
     _model_args(p)
     p.add_argument("--identity", action="append", default=[], metavar="FILE", help="identity dictionary (repeatable)")
-    p.add_argument("--mode", default=Mode.AUTO.value, choices=[m.value for m in Mode],
-                   help="auto: faces matching an --identity use it, others generic; generic: ignore identities; "
-                        "identity: every face with the one --identity; only-matched: unmatched faces stay as they are")
-    p.add_argument("--only-identities", action="store_true",
-                   help="restore only the faces that match an --identity; the others stay exactly as they were "
-                        "(the same as --mode only-matched)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"largest embedding distance that matches an identity (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help="the nearest identity must be this much nearer than the second-nearest, or the face stays "
-                        f"unmatched (default {DEFAULT_MARGIN}; 0: nearest wins)")
+    p.add_argument(
+        "--mode",
+        default=Mode.AUTO.value,
+        choices=[m.value for m in Mode],
+        help="auto: faces matching an --identity use it, others generic; generic: ignore identities; "
+        "identity: every face with the one --identity; only-matched: only the faces that match an "
+        "--identity are restored, the others stay exactly as they were",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"largest embedding distance that matches an identity (default {DEFAULT_THRESHOLD})",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="the nearest identity must be this much nearer than the second-nearest, or the face stays "
+        f"unmatched (default {DEFAULT_MARGIN}; 0: nearest wins)",
+    )
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 face crops")
-    p.add_argument("--batch", type=int, default=4, help="faces per model call (default 4)")
+    p.add_argument("--batch-size", type=int, default=4, help="faces per model call (default 4)")
     p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")
-    p.add_argument("--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)")
+    p.add_argument(
+        "--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)"
+    )
     p.add_argument("--only-largest", action="store_true", help="restore only the largest face of each photo")
     p.add_argument("--save-faces", action="store_true", help="also write cropped_faces/ and restored_faces/ (photos)")
-    p.add_argument("--model-colours", action="store_true",
-                   help="keep the model's colours in restored faces (default: the photo's broad colours, fine detail "
-                        "from the model)")
-    p.add_argument("--per-frame", action="store_true",
-                   help="videos: restore each frame on its own, as a photo (default: faces are tracked, steadily "
-                        "aligned and smoothed over time, one identity per track)")
+    p.add_argument(
+        "--keep-colours",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="restored faces keep the photo's broad colours and take fine detail from the model (default); "
+        "--no-keep-colours: the model's own colours",
+    )
+    p.add_argument(
+        "--temporal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="videos: faces are tracked, steadily aligned and smoothed over time, one identity per track "
+        "(default); --no-temporal: each frame restored on its own, as a photo",
+    )
     p.add_argument("--report", help="write a JSON report to this file")
     p.set_defaults(func=cmd_restore)
 
@@ -301,8 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crops", help="cut aligned 512x512 training crops with landmarks from photos")
     p.add_argument("inputs", nargs="+", help="photos or folders (searched recursively; subfolders are kept)")
     p.add_argument("-o", "--output", required=True, help="folder for NAME.png crops and NAME.png.txt landmarks")
-    p.add_argument("--max-upscale", type=float, default=1.3,
-                   help="leave out faces the crop would enlarge more than this (default 1.3)")
+    p.add_argument(
+        "--max-upscale",
+        type=float,
+        default=1.3,
+        help="leave out faces the crop would enlarge more than this (default 1.3)",
+    )
     p.add_argument("--landmarks-root", help="write landmark files under this folder instead, mirroring the output")
     _detector_args(p)
     p.set_defaults(func=cmd_crops)

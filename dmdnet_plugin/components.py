@@ -7,6 +7,7 @@ the batch and ``F.interpolate`` on integer slices. Here both are expressed as ga
 with the same bilinear taps (``align_corners=False``), so a whole batch with different
 boxes runs in a few tensor ops with no host-device synchronisation.
 """
+
 from __future__ import annotations
 
 import numpy as np

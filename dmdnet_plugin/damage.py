@@ -4,15 +4,16 @@ Heavy blur and downsampling move a face's dlib embedding away from the same pers
 photos (severely damaged faces lie 0.5-0.6 from their own person's mean, where strangers start),
 but towards the same photos damaged the same way. An identity therefore also keeps the mean
 embedding of its references under :data:`DAMAGES`, and :mod:`matching` compares a face the clean
-references could not decide with it (README, "Identity dictionaries").
+references could not decide with it (docs/identity.md).
 """
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
 from .components import CROP_SIZE
-from .faces import DlibBackend
+from .faces import FaceBackend
 from .io import to_uint8
 
 # (blur sigma, downscale factor, Gaussian noise in 8-bit levels, JPEG quality), on the 512 px crop:
@@ -30,7 +31,7 @@ def damage(crop: np.ndarray, sigma: float, down: int, noise: float, quality: int
     return np.ascontiguousarray(cv2.resize(img, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LINEAR))
 
 
-def damaged_embedding(backend: DlibBackend, crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+def damaged_embedding(backend: FaceBackend, crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """Mean embedding of an aligned reference under every damage of :data:`DAMAGES`.
 
     The landmarks are the clean crop's: on a damaged face the predictor is less sure, and the

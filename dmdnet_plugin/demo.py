@@ -5,6 +5,7 @@ Writes demo_output/<photo>_before_after.png (input | generic | with the identity
 small to judge at full size), the identity dictionary built from examples/refs/obama, and the
 example clip restored tracked.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .factory import load_restorer
 from .io import list_images, read_image, write_image
-from .pipeline import Restorer
 from .video import restore_video
-from .weights import WeightsError, load_model
+from .weights import WeightsError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -37,41 +38,43 @@ def _close_ups(panels: list[np.ndarray], boxes: list[np.ndarray], size: int = 25
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         left, top = int(max(cx - half, 0)), int(max(cy - half, 0))
         right, bottom = int(min(cx + half, width)), int(min(cy + half, height))
-        rows.append(np.hstack([cv2.resize(p[top:bottom, left:right], (size, size), interpolation=cv2.INTER_CUBIC)
-                               for p in panels]))
+        rows.append(
+            np.hstack(
+                [cv2.resize(p[top:bottom, left:right], (size, size), interpolation=cv2.INTER_CUBIC) for p in panels]
+            )
+        )
     return np.vstack(rows)
 
 
 def main(out_dir: str = "demo_output") -> int:
     try:
-        model = load_model()
+        restorer = load_restorer()
     except WeightsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
-    print(model.weights_source.notice(), file=sys.stderr)
+    print(restorer.loaded.notice(), file=sys.stderr)
     out = Path(out_dir)
-    restorer = Restorer(model)
     identity, _ = restorer.build_identity(list_images([EXAMPLES / "refs" / "obama"]), name="obama")
     identity.save(out / "obama.safetensors")
     for path in list_images([EXAMPLES / "photos"]):
         picture = read_image(path)
-        detections = restorer.helper.find([picture])
-        pictures, labels = [picture.pixels], ["input"]
-        for label, identities in (("generic", ()), ("identity", (identity,))):
-            result = restorer.run([picture], identities=identities, detections=detections)[0]
-            names = sorted({f.identity.name for f in result.faces if f.identity is not None})
-            pictures.append(result.pixels)
-            labels.append(label + (f" ({', '.join(names)})" if names else ""))
-        write_image(out / f"{path.stem}_before_after.png",
-                    np.hstack([_labelled(p, label) for p, label in zip(pictures, labels)]))
-        if result.faces:
-            boxes = [f.aligned.face.box for f in result.faces]
-            write_image(out / f"{path.stem}_faces.png", _close_ups(pictures, boxes))
-        print(f"{out / (path.stem + '_before_after.png')}: {len(result.faces)} face(s)", file=sys.stderr)
+        generic, with_identity = restorer.compare(picture, identities=[identity])
+        names = sorted({f.identity.name for f in with_identity.faces if f.identity is not None})
+        pictures = [picture.pixels, generic.pixels, with_identity.pixels]
+        labels = ["input", "generic", "identity" + (f" ({', '.join(names)})" if names else "")]
+        write_image(
+            out / f"{path.stem}_before_after.png",
+            np.hstack([_labelled(p, label) for p, label in zip(pictures, labels)]),
+        )
+        if with_identity.faces:
+            write_image(out / f"{path.stem}_faces.png", _close_ups(pictures, [f.face.box for f in with_identity.faces]))
+        print(f"{out / (path.stem + '_before_after.png')}: {len(with_identity.faces)} face(s)", file=sys.stderr)
     for clip in sorted((EXAMPLES / "video").glob("*.mp4")):
         report = restore_video(restorer, clip, out / clip.name, identities=[identity])
-        people = ", ".join(f"track {t['track']}: frames {t['frames'][0]}-{t['frames'][1]}, {t['identity'] or 'generic'}"
-                           for t in report["tracks"])
+        people = ", ".join(
+            f"track {t['track']}: frames {t['frames'][0]}-{t['frames'][1]}, {t['identity'] or 'generic'}"
+            for t in report["tracks"]
+        )
         print(f"{out / clip.name}: {report['frames']} frames ({people})", file=sys.stderr)
     return 0
 

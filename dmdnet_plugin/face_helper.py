@@ -4,19 +4,27 @@ CodeFormer keeps this apart from the network (its FaceRestoreHelper), and so do 
 Restorer, the ComfyUI Detect Faces node and the building of identities from photos all use
 this one helper, and none of them needs a model to find faces.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
 
 from .align import (
-    TEMPLATE_68, alignment_matrix, component_boxes, face_mask, matrix_scale, paste_face, transform_points, warp_face,
+    TEMPLATE_68,
+    alignment_matrix,
+    component_boxes,
+    face_mask,
+    matrix_scale,
+    paste_face,
+    transform_points,
+    warp_face,
 )
 from .components import CROP_SIZE
-from .faces import DlibBackend, Face, get_backend
+from .faces import Face, FaceBackend, get_backend
 from .io import Picture, to_uint8
 
 MIN_FACE = 24  # px; smaller faces hold too little to restore
@@ -33,6 +41,11 @@ class AlignedFace:
     boxes_from: str  # "landmarks" or "template"
     source_index: int = 0  # which image of a batch the face is in
     track: int | None = None  # which track of a clip (:mod:`tracking`); None for photos
+
+    @property
+    def box(self) -> np.ndarray:
+        """[x1, y1, x2, y2] in the pixels of the image the face was found in."""
+        return self.face.box
 
     @property
     def enlargement(self) -> float:
@@ -61,7 +74,10 @@ class FaceHelper:
     """
 
     def __init__(
-        self, backend: DlibBackend | None = None, min_face: int = MIN_FACE, max_faces: int | None = None,
+        self,
+        backend: FaceBackend | None = None,
+        min_face: int = MIN_FACE,
+        max_faces: int | None = None,
         only_largest: bool = False,
     ) -> None:
         self.backend = backend or get_backend()
@@ -100,7 +116,9 @@ class FaceHelper:
         h, w = rgb.shape[:2]
         matrix = np.array([[CROP_SIZE / w, 0, 0], [0, CROP_SIZE / h, 0]])
         interp = cv2.INTER_AREA if w > CROP_SIZE else cv2.INTER_CUBIC
-        crop = rgb if (h, w) == (CROP_SIZE, CROP_SIZE) else cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=interp)
+        crop = (
+            rgb if (h, w) == (CROP_SIZE, CROP_SIZE) else cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=interp)
+        )
         crop = np.clip(crop, 0, 1).astype(np.float32)
         crop8 = to_uint8(crop)
         found = self.backend.detect(crop8)
@@ -108,8 +126,12 @@ class FaceHelper:
         boxes, boxes_from = component_boxes(found[0].landmarks if found else None)
         landmarks = found[0].landmarks if boxes_from == "landmarks" else TEMPLATE_68
         embedding = found[0].embedding if found else self.backend.embed(crop8, landmarks)
-        face = Face(np.array([0.0, 0.0, w, h]), transform_points(landmarks, cv2.invertAffineTransform(matrix)),
-                    found[0].score if found else 0.0, embedding)
+        face = Face(
+            np.array([0.0, 0.0, w, h]),
+            transform_points(landmarks, cv2.invertAffineTransform(matrix)),
+            found[0].score if found else 0.0,
+            embedding,
+        )
         return AlignedFace(face, crop, matrix, boxes, boxes_from, source_index)
 
     def find(self, pictures: Sequence[Picture], aligned: bool = False) -> list[Detection]:
@@ -129,7 +151,9 @@ class FaceHelper:
 
     @staticmethod
     def paste(
-        picture: Picture, restored: Sequence[tuple[AlignedFace, np.ndarray]], upscale: float = 1.0,
+        picture: Picture,
+        restored: Sequence[tuple[AlignedFace, np.ndarray]],
+        upscale: float = 1.0,
         strength: float = 1.0,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The photo (resized by ``upscale``) with every (face, restored crop) blended in."""

@@ -6,12 +6,15 @@ The default backend works offline with model files that ship in pip packages: dl
 when its weight files are present; landmarks and embeddings still come from dlib, so boxes
 and identity distances mean the same with either backend.
 """
+
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -25,8 +28,10 @@ DETECTORS = {
     "retinaface": "facexlib RetinaFace (needs its weights)",
 }
 FACEXLIB_ENV = "DMDNET_FACEXLIB_DIR"
-RETINAFACE_FILES = {"retinaface_resnet50": "detection_Resnet50_Final.pth",
-                    "retinaface_mobile0.25": "detection_mobilenet0.25_Final.pth"}
+RETINAFACE_FILES = {
+    "retinaface_resnet50": "detection_Resnet50_Final.pth",
+    "retinaface_mobile0.25": "detection_mobilenet0.25_Final.pth",
+}
 
 
 class FaceModelsError(RuntimeError):
@@ -45,6 +50,24 @@ class Face:
     @property
     def width(self) -> float:
         return float(self.box[2] - self.box[0])
+
+
+class FaceBackend(Protocol):
+    """What the face helper, matching and tracking need from a backend, whichever detector it runs."""
+
+    name: str
+
+    def detect(self, rgb8: np.ndarray) -> list[Face]:
+        """All faces of a uint8 RGB image, largest first, with landmarks and embeddings."""
+        ...
+
+    def landmarks(self, rgb8: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """(68, 2) landmarks of the face inside ``box``."""
+        ...
+
+    def embed(self, rgb8: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The face's identity embedding."""
+        ...
 
 
 def _dlib_models_dir() -> Path:
@@ -91,8 +114,9 @@ class DlibBackend:
         small, scale = downscaled(rgb8)
         upsample = 1 if max(small.shape[:2]) <= 1000 else 0  # finds faces down to about 40 px
         found = self._detect(small, upsample)
-        return [(np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float64) / scale, float(s))
-                for r, s in found]
+        return [
+            (np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float64) / scale, float(s)) for r, s in found
+        ]
 
     def landmarks(self, rgb8: np.ndarray, box: np.ndarray) -> np.ndarray:
         """68 landmarks of the face inside ``box``."""
@@ -119,7 +143,7 @@ class DlibBackend:
 
 
 class RetinaFaceBackend(DlibBackend):
-    """facexlib RetinaFace boxes, dlib landmarks and embeddings.
+    """facexlib RetinaFace boxes, dlib landmarks and embeddings (a DlibBackend with other boxes).
 
     The weights are read here with ``weights_only=True`` from the given folder; facexlib's own
     loader would try to download a missing file.
@@ -135,7 +159,9 @@ class RetinaFaceBackend(DlibBackend):
         try:
             from facexlib.detection.retinaface import RetinaFace
         except ImportError:
-            raise FaceModelsError("the retinaface backend needs facexlib (see README, 'Weights')") from None
+            raise FaceModelsError(
+                "the retinaface backend needs facexlib (see docs/weights.md, 'Face models')"
+            ) from None
         net = RetinaFace(network_name=model.removeprefix("retinaface_"), half=False, device=device)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -183,7 +209,7 @@ def retinaface_dir(explicit: str | Path | None = None) -> Path | None:
     return None
 
 
-def get_backend(name: str = "auto", model_dir: str | Path | None = None, device: str = "cpu") -> DlibBackend:
+def get_backend(name: str = "auto", model_dir: str | Path | None = None, device: str = "cpu") -> FaceBackend:
     """``auto``: RetinaFace when its weights are found (``model_dir`` or $DMDNET_FACEXLIB_DIR), else dlib HOG."""
     if name in ("hog", "cnn", "dlib"):
         return DlibBackend("hog" if name == "dlib" else name)
@@ -193,7 +219,19 @@ def get_backend(name: str = "auto", model_dir: str | Path | None = None, device:
     if folder is None:
         if name == "auto":
             return DlibBackend("hog")
-        raise FaceModelsError(f"retinaface needs {' or '.join(RETINAFACE_FILES.values())} in --face-models DIR "
-                              f"or ${FACEXLIB_ENV}")
+        raise FaceModelsError(
+            f"retinaface needs {' or '.join(RETINAFACE_FILES.values())} in --face-models DIR or ${FACEXLIB_ENV}"
+        )
     model = name if name in RETINAFACE_FILES else next(m for m, f in RETINAFACE_FILES.items() if (folder / f).is_file())
     return RetinaFaceBackend(folder, model, device)
+
+
+def shared_backend(name: str = "auto", model_dir: str | Path | None = None, device: str = "cpu") -> FaceBackend:
+    """:func:`get_backend`, loaded once per process: servers (Gradio, ComfyUI) build a restorer per
+    request, and reading the face model files each time would cost more than a small photo's faces."""
+    return _cached_backend(name, str(model_dir or os.environ.get(FACEXLIB_ENV) or ""), device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_backend(name: str, model_dir: str, device: str) -> FaceBackend:
+    return get_backend(name, model_dir or None, device)

@@ -4,10 +4,15 @@ A dictionary is a set of key/value atoms per component and scale, one atom per r
 saved as ``.safetensors`` with metadata. It only makes sense for the reference encoder that
 produced it, so it carries that model's fingerprint and is refused by any other model.
 """
+
 from __future__ import annotations
 
 import json
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -35,43 +40,56 @@ def expected_keys() -> set[str]:
     return {dictionary_key(c, s, k) for c in DICT_COMPONENTS for s in FEATURE_STRIDES for k in ("key", "value")}
 
 
+@dataclass(frozen=True, eq=False)
 class IdentityDictionary:
-    """Specific dictionary of one person.
+    """Specific dictionary of one person: a value, never changed once made.
 
-    ``tensors``: ``dictionary_key`` -> (K, C, h, w) float32 on CPU. ``embeddings``: the
-    references' face embeddings (K, D) when known, and ``damaged_embeddings`` theirs under fixed
-    damage (:mod:`damage`); the file stores the means and their count so that matching and
-    extending need no recomputation.
+    ``tensors``: ``dictionary_key`` -> (K, C, h, w) float32 on CPU (read-only mapping).
+    ``embedding``: the mean face embedding of the references (``n_embedded`` of them), and
+    ``damaged_embedding`` their mean under fixed damage (:mod:`damage`), kept so that matching
+    and extending need no recomputation. Equality and hashing are by identity (``eq=False``), so
+    a dictionary can key a cache or a group of faces.
     """
 
-    def __init__(
-        self,
-        tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor]
+    model_fingerprint: str
+    name: str | None = None
+    embedding: np.ndarray | None = None
+    n_embedded: int = 0
+    damaged_embedding: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        counts = {t.shape[0] for t in self.tensors.values()}
+        if len(counts) != 1:
+            raise IdentityError(f"atom counts differ between tensors: {sorted(counts)}")
+        embedding = _frozen_array(self.embedding)
+        # the damaged mean only beside a clean mean of the same references
+        damaged = None if embedding is None else _frozen_array(self.damaged_embedding)
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+        object.__setattr__(self, "embedding", embedding)
+        object.__setattr__(self, "n_embedded", self.n_embedded if embedding is not None else 0)
+        object.__setattr__(self, "damaged_embedding", damaged)
+
+    @classmethod
+    def from_references(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
         model_fingerprint: str,
         name: str | None = None,
         embeddings: np.ndarray | None = None,
-        embedding_mean: np.ndarray | None = None,
-        n_embedded: int = 0,
         damaged_embeddings: np.ndarray | None = None,
-        damaged_mean: np.ndarray | None = None,
-    ) -> None:
-        counts = {t.shape[0] for t in tensors.values()}
-        if len(counts) != 1:
-            raise IdentityError(f"atom counts differ between tensors: {sorted(counts)}")
-        self.tensors = tensors
-        self.model_fingerprint = model_fingerprint
-        self.name = name
-        if embeddings is not None and len(embeddings):
-            embeddings = np.asarray(embeddings, dtype=np.float64)
-            embedding_mean, n_embedded = embeddings.mean(0), len(embeddings)
-        if damaged_embeddings is not None and len(damaged_embeddings):
-            damaged_mean = np.asarray(damaged_embeddings, dtype=np.float64).mean(0)
-        self.embedding = None if embedding_mean is None else np.asarray(embedding_mean, dtype=np.float64)
-        self.n_embedded = n_embedded if self.embedding is not None else 0
-        # only beside a clean mean of the same references
-        self.damaged_embedding = (None if damaged_mean is None or self.embedding is None
-                                  else np.asarray(damaged_mean, dtype=np.float64))
-        self._device_copy: tuple[torch.device, dict[str, torch.Tensor]] | None = None
+    ) -> IdentityDictionary:
+        """A dictionary whose means come from the references' own (K, D) embeddings."""
+        has = embeddings is not None and len(embeddings)
+        has_damaged = damaged_embeddings is not None and len(damaged_embeddings)
+        return cls(
+            tensors,
+            model_fingerprint,
+            name,
+            np.asarray(embeddings, dtype=np.float64).mean(0) if has else None,
+            len(embeddings) if has else 0,
+            np.asarray(damaged_embeddings, dtype=np.float64).mean(0) if has_damaged else None,
+        )
 
     @property
     def n_refs(self) -> int:
@@ -84,13 +102,7 @@ class IdentityDictionary:
                 f"not by the loaded model {fingerprint}; rebuild it from its references with this model"
             )
 
-    def tensors_on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The atoms on ``device``, copied once and kept for later batches."""
-        if self._device_copy is None or self._device_copy[0] != device:
-            self._device_copy = (device, {k: v.to(device) for k, v in self.tensors.items()})
-        return self._device_copy[1]
-
-    def extend(self, other: "IdentityDictionary") -> "IdentityDictionary":
+    def extend(self, other: IdentityDictionary) -> IdentityDictionary:
         """A dictionary with the atoms of both; the existing atoms are not recomputed."""
         other.check_fits(self.model_fingerprint)
         if self.tensors.keys() != other.tensors.keys():
@@ -102,8 +114,7 @@ class IdentityDictionary:
         damaged = None  # kept only when it covers the same references as the clean mean
         if embedded and all(d.damaged_embedding is not None for d in embedded):
             damaged = sum(d.damaged_embedding * d.n_embedded for d in embedded) / total
-        return IdentityDictionary(tensors, self.model_fingerprint, self.name or other.name, None, mean, total,
-                                  damaged_mean=damaged)
+        return IdentityDictionary(tensors, self.model_fingerprint, self.name or other.name, mean, total, damaged)
 
     def metadata(self) -> dict[str, str]:
         """Safetensors metadata (strings only; the embeddings as JSON lists)."""
@@ -131,7 +142,7 @@ class IdentityDictionary:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "IdentityDictionary":
+    def load(cls, path: str | Path) -> IdentityDictionary:
         """Read a dictionary someone may have shared: every field is checked before it is used."""
         path = Path(path)
         try:
@@ -144,7 +155,7 @@ class IdentityDictionary:
             raise IdentityError(f"{path}: {exc}") from None
 
     @classmethod
-    def _from_file(cls, path: Path) -> "IdentityDictionary":
+    def _from_file(cls, path: Path) -> IdentityDictionary:
         try:
             tensors, meta = read_safetensors(path, MAX_HEADER)
         except TensorFileError as exc:
@@ -155,8 +166,9 @@ class IdentityDictionary:
             raise IdentityError(f"unsupported identity dictionary version {meta.get('version')!r}")
         if set(tensors) != expected_keys():
             missing, extra = sorted(expected_keys() - set(tensors)), sorted(set(tensors) - expected_keys())
-            raise IdentityError(f"identity dictionary tensors are wrong (missing {missing or 'none'}, "
-                                f"unexpected {extra[:3] or 'none'})")
+            raise IdentityError(
+                f"identity dictionary tensors are wrong (missing {missing or 'none'}, unexpected {extra[:3] or 'none'})"
+            )
         check_tensors(tensors)
         for name, t in tensors.items():
             if t.dim() != 4 or 0 in t.shape:
@@ -171,11 +183,41 @@ class IdentityDictionary:
             n_refs, n_embedded = int(meta["n_refs"]), int(meta.get("n_embedded", 0))
         except ValueError as exc:
             raise IdentityError(f"corrupted metadata ({exc})") from None
-        ident = cls({k: v.float() for k, v in tensors.items()}, meta["model_fingerprint"], name=meta.get("name"),
-                    embedding_mean=embedding, n_embedded=max(n_embedded, 0), damaged_mean=damaged)
+        ident = cls(
+            {k: v.float() for k, v in tensors.items()},
+            meta["model_fingerprint"],
+            meta.get("name"),
+            embedding,
+            max(n_embedded, 0),
+            damaged,
+        )
         if ident.n_refs != n_refs:
             raise IdentityError(f"holds {ident.n_refs} atoms but its metadata says {n_refs}")
         return ident
+
+
+def _frozen_array(values: np.ndarray | None) -> np.ndarray | None:
+    """A read-only float64 copy, so a dictionary's means cannot change under it."""
+    if values is None:
+        return None
+    out = np.array(values, dtype=np.float64)
+    out.flags.writeable = False
+    return out
+
+
+# Atoms copied to a device, per dictionary, kept outside the (frozen) value; an entry goes with its dictionary.
+_ON_DEVICE: weakref.WeakKeyDictionary[IdentityDictionary, tuple[torch.device, dict[str, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def atoms_on(identity: IdentityDictionary, device: torch.device) -> dict[str, torch.Tensor]:
+    """The dictionary's atoms on ``device``, copied once and kept for later batches."""
+    cached = _ON_DEVICE.get(identity)
+    if cached is None or cached[0] != device:
+        cached = (device, {k: v.to(device) for k, v in identity.tensors.items()})
+        _ON_DEVICE[identity] = cached
+    return cached[1]
 
 
 def _embedding_field(meta: dict[str, str], key: str) -> np.ndarray | None:
@@ -183,8 +225,10 @@ def _embedding_field(meta: dict[str, str], key: str) -> np.ndarray | None:
     if key not in meta:
         return None
     embedding = np.asarray(json_field(meta, key), dtype=object)
-    if embedding.ndim != 1 or not 0 < len(embedding) <= MAX_EMBEDDING or not all(
-        isinstance(x, (int, float)) and np.isfinite(x) for x in embedding
+    if (
+        embedding.ndim != 1
+        or not 0 < len(embedding) <= MAX_EMBEDDING
+        or not all(isinstance(x, (int, float)) and np.isfinite(x) for x in embedding)
     ):
         raise IdentityError(f"metadata {key!r} must be a list of 1 to {MAX_EMBEDDING} finite numbers")
     return embedding.astype(np.float64)

@@ -5,6 +5,7 @@ pipeline works on float RGB; :class:`Picture` keeps the original pixels and what
 :func:`write_image` needs to give the output the same bit depth, alpha and grayness.
 Every failure is an :class:`ImageError` whose message names the file and the problem.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,10 +38,10 @@ class ImageError(ValueError):
     """An input that cannot be used as a photo."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Picture:
     """A photo: ``pixels`` exactly as stored (HxW or HxWx3, RGB order), uint8, uint16, or float32
-    in [0, 1] (images handed over by ComfyUI or Gradio)."""
+    in [0, 1] (images handed over by ComfyUI or Gradio). Frozen: the pipeline never changes an input."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None = None
@@ -71,8 +72,15 @@ class Picture:
 
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation (1-8) to an HxW(xC) array."""
-    ops = {2: [np.fliplr], 3: [lambda a: np.rot90(a, 2)], 4: [np.flipud], 5: [lambda a: np.rot90(a, -1), np.fliplr],
-           6: [lambda a: np.rot90(a, -1)], 7: [lambda a: np.rot90(a, 1), np.fliplr], 8: [lambda a: np.rot90(a, 1)]}
+    ops = {
+        2: [np.fliplr],
+        3: [lambda a: np.rot90(a, 2)],
+        4: [np.flipud],
+        5: [lambda a: np.rot90(a, -1), np.fliplr],
+        6: [lambda a: np.rot90(a, -1)],
+        7: [lambda a: np.rot90(a, 1), np.fliplr],
+        8: [lambda a: np.rot90(a, 1)],
+    }
     for op in ops.get(orientation, []):
         arr = op(arr)
     return np.ascontiguousarray(arr)

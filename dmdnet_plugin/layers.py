@@ -6,6 +6,7 @@ Every convolution of the official network is spectrally normalised with
 divides the weight by ``sigma = u . (W v)`` once and caches the result, instead of
 recomputing it on every call as the hook does.
 """
+
 from __future__ import annotations
 
 import torch

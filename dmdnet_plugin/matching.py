@@ -9,12 +9,13 @@ Heavy damage pushes a face's embedding away from its person's clean photos, so a
 means cannot decide is compared again with every person's references under the same kinds of
 damage (:mod:`damage`), where the same rule holds with a stricter threshold: damaged faces of
 strangers also lie nearer to damaged references. The constants were chosen with
-``benchmarks/identity_matching.py`` (README, "Identity dictionaries").
+``benchmarks/identity_matching.py`` (docs/identity.md).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -39,8 +40,9 @@ def decide(distances: Sequence[float], threshold: float, margin: float) -> tuple
     return int(order[0]), "matched"
 
 
-def decide_face(distances: Sequence[float], damaged: Sequence[float] | None, threshold: float,
-                margin: float) -> tuple[int | None, str]:
+def decide_face(
+    distances: Sequence[float], damaged: Sequence[float] | None, threshold: float, margin: float
+) -> tuple[int | None, str]:
     """:func:`decide` on the distances to each identity's clean mean; undecided, on those to their
     damaged means (``damaged``: one per identity, or None when some identity has none)."""
     chosen, reason = decide(distances, threshold, margin)
@@ -73,16 +75,23 @@ class Match:
     damaged_runner_up: float | None = None
 
     def record(self) -> dict:
-        entry = {"match_distance": None if self.distance is None else round(self.distance, 4),
-                 "match_margin": _margin(self.distance, self.runner_up), "match_decision": self.reason}
+        entry = {
+            "match_distance": None if self.distance is None else round(self.distance, 4),
+            "match_margin": _margin(self.distance, self.runner_up),
+            "match_decision": self.reason,
+        }
         if self.damaged_distance is not None:
             entry["match_damaged_distance"] = round(self.damaged_distance, 4)
             entry["match_damaged_margin"] = _margin(self.damaged_distance, self.damaged_runner_up)
         return entry
 
 
-def match(embedding: np.ndarray | None, identities: Sequence[IdentityDictionary], threshold: float = DEFAULT_THRESHOLD,
-          margin: float = DEFAULT_MARGIN) -> Match:
+def match(
+    embedding: np.ndarray | None,
+    identities: Sequence[IdentityDictionary],
+    threshold: float = DEFAULT_THRESHOLD,
+    margin: float = DEFAULT_MARGIN,
+) -> Match:
     """The rule applied to one face embedding and the identities that carry a mean embedding."""
     known = [i for i in identities if i.embedding is not None]
     if embedding is None or not known:

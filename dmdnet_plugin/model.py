@@ -6,14 +6,16 @@ forward pass is batched (different boxes per face, no Python loop over the batch
 only the requested branch, reads dictionaries without copying them per batch item, and in
 eval mode uses spectral norms folded into the conv weights.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from .components import (
     paste_resize,
     sanitize_boxes,
 )
-from .identity import IdentityDictionary, IdentityError, dictionary_key
+from .identity import IdentityDictionary, IdentityError, atoms_on, dictionary_key
 from .layers import (
     LRELU_SLOPE,
     DilateResBlock,
@@ -45,9 +47,6 @@ from .layers import (
     sn_conv,
     tensor_key,
 )
-
-if TYPE_CHECKING:
-    from .weights import WeightsSource
 
 SCALES = (256, 128, 64)
 _WIDTH = {256: 1, 128: 2, 64: 4}  # channel multiplier of ngf at each feature scale
@@ -160,7 +159,6 @@ class DMDNet(nn.Module):
     def __init__(self, ngf: int = 64, banks_num: int = 128, trainable_dictionary: bool = False) -> None:
         super().__init__()
         self.config = {"ngf": ngf, "banks_num": banks_num}
-        self.compute_dtype: torch.dtype | None = None  # autocast dtype used by restore()
         for scale in SCALES:
             stride = FEATURE_STRIDES[scale]
             for kind, div in (("key", KEY_SCALE), ("value", 1)):
@@ -195,7 +193,6 @@ class DMDNet(nn.Module):
             nn.Tanh(),
         )
         self._fingerprint: tuple[tuple, str] | None = None
-        self.weights_source: WeightsSource | None = None  # set by weights.load_model
 
     # ------------------------------------------------------------------ network
     def memorize(self, refs: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -216,7 +213,8 @@ class DMDNet(nn.Module):
         """Dictionary-enhanced component features per requested branch: ``generic`` reads the
         generic dictionary alone; ``identity`` blends the person's atoms in with the learned mask."""
         branches = ({"generic": None} if generic else {}) | (
-            {"identity": identity_atoms} if identity_atoms is not None else {})
+            {"identity": identity_atoms} if identity_atoms is not None else {}
+        )
         finals: dict[str, dict] = {name: {} for name in branches}
         for scale in SCALES:
             for comp in DICT_COMPONENTS:
@@ -229,7 +227,9 @@ class DMDNet(nn.Module):
                     mem = mem_g
                     if atoms is not None:
                         mem_s = read_memory(
-                            atoms[dictionary_key(comp, scale, "key")], atoms[dictionary_key(comp, scale, "value")], query
+                            atoms[dictionary_key(comp, scale, "key")],
+                            atoms[dictionary_key(comp, scale, "value")],
+                            query,
                         )
                         mask = getattr(self, f"{prefix}_Mask")(part, mem_s, mem_g)
                         mem = mask * mem_s + (1 - mask) * mem_g
@@ -277,11 +277,10 @@ class DMDNet(nn.Module):
 
     # ---------------------------------------------------------------- inference
     @contextlib.contextmanager
-    def _inference(self) -> Iterator[torch.device]:
-        """Eval mode, no autograd, and the autocast precision chosen at load time."""
+    def _inference(self, dtype: torch.dtype | None = None) -> Iterator[torch.device]:
+        """Eval mode, no autograd, and autocast to ``dtype`` (None or float32: none)."""
         device = next(self.parameters()).device
         was_training = self.training
-        dtype = self.compute_dtype
         autocast = dtype is not None and dtype != torch.float32
         self.eval()
         try:
@@ -291,13 +290,17 @@ class DMDNet(nn.Module):
             self.train(was_training)
 
     def restore(
-        self, lq: torch.Tensor, boxes: torch.Tensor | np.ndarray, identity: IdentityDictionary | None = None
+        self,
+        lq: torch.Tensor,
+        boxes: torch.Tensor | np.ndarray,
+        identity: IdentityDictionary | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Restore aligned faces. ``lq`` (B, 3, 512, 512) in [-1, 1]; ``boxes`` (B, 4, 4).
 
         Without ``identity`` this is the authors' generic output; with one, their
-        reference-based ("specific") output. Returns float32 (B, 3, 512, 512) in [-1, 1] on the
-        model's device.
+        reference-based ("specific") output. ``dtype``: the compute precision (autocast); the
+        weights stay float32. Returns float32 (B, 3, 512, 512) in [-1, 1] on the model's device.
         """
         if lq.dim() != 4 or tuple(lq.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
             raise ValueError(f"lq must be (B, 3, {CROP_SIZE}, {CROP_SIZE}), got {tuple(lq.shape)}")
@@ -306,13 +309,13 @@ class DMDNet(nn.Module):
             raise ValueError(f"boxes must be ({lq.shape[0]}, 4, 4), got {tuple(boxes.shape)}")
         if identity is not None:
             self.check_identity(identity)
-        with self._inference() as device:
+        with self._inference(dtype) as device:
             x = lq.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
-            atoms = identity.tensors_on(device) if identity is not None else None
+            atoms = atoms_on(identity, device) if identity is not None else None
             out = self(x, sanitize_boxes(boxes.to(device)), identity_atoms=atoms, generic=identity is None)
         return (out.generic if identity is None else out.identity).float().contiguous()
 
-    def build_identity(
+    def encode_identity(
         self,
         refs: torch.Tensor,
         ref_boxes: torch.Tensor | np.ndarray,
@@ -320,9 +323,11 @@ class DMDNet(nn.Module):
         embeddings: np.ndarray | None = None,
         batch_size: int = 4,
         damaged_embeddings: np.ndarray | None = None,
+        dtype: torch.dtype | None = None,
     ) -> IdentityDictionary:
-        """Identity dictionary from K >= 1 aligned high-quality references (K, 3, 512, 512).
+        """Identity dictionary from K >= 1 aligned high-quality reference crops (K, 3, 512, 512).
 
+        Tensors in, dictionary out; :meth:`Restorer.build_identity` does the same from photos.
         ``embeddings`` and ``damaged_embeddings`` (K, D): the references' face embeddings, clean
         and under :mod:`damage`, kept (as means) for matching faces to this identity.
         """
@@ -332,15 +337,16 @@ class DMDNet(nn.Module):
         if tuple(ref_boxes.shape) != (refs.shape[0], 4, 4):
             raise ValueError(f"ref_boxes must be ({refs.shape[0]}, 4, 4), got {tuple(ref_boxes.shape)}")
         chunks: list[dict[str, torch.Tensor]] = []
-        with self._inference() as device:
+        with self._inference(dtype) as device:
             for start in range(0, refs.shape[0], batch_size):
                 x = refs[start : start + batch_size].to(device, torch.float32)
                 b = sanitize_boxes(ref_boxes[start : start + batch_size].to(device))
                 atoms = self.memorize(x.contiguous(memory_format=torch.channels_last), b)
                 chunks.append({k: v.float().cpu().contiguous() for k, v in atoms.items()})
         tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-        return IdentityDictionary(tensors, self.fingerprint(), name=name, embeddings=embeddings,
-                                  damaged_embeddings=damaged_embeddings)
+        return IdentityDictionary.from_references(
+            tensors, self.fingerprint(), name=name, embeddings=embeddings, damaged_embeddings=damaged_embeddings
+        )
 
     def check_identity(self, identity: IdentityDictionary) -> None:
         """Refuse a dictionary this model did not build: by fingerprint, then by atom shape, since a
@@ -352,16 +358,14 @@ class DMDNet(nn.Module):
                     want = tuple(getattr(self, f"{comp}_{scale}_mem_{kind}").shape[1:])
                     got = tuple(identity.tensors[dictionary_key(comp, scale, kind)].shape[1:])
                     if got != want:
-                        raise IdentityError(f"identity dictionary {identity.name or ''}: atoms "
-                                            f"{dictionary_key(comp, scale, kind)} are {got}, this model needs {want}")
+                        raise IdentityError(
+                            f"identity dictionary {identity.name or ''}: atoms "
+                            f"{dictionary_key(comp, scale, kind)} are {got}, this model needs {want}"
+                        )
 
     def fingerprint(self) -> str:
         """Hash of the configuration and the reference encoder: what a dictionary depends on."""
-        named = [
-            (n, t)
-            for n, t in self.state_dict(keep_vars=True).items()
-            if n.startswith("E_hq.") or "_KV." in n
-        ]
+        named = [(n, t) for n, t in self.state_dict(keep_vars=True).items() if n.startswith("E_hq.") or "_KV." in n]
         key = tuple(tensor_key(t) for _, t in named)
         if self._fingerprint is None or self._fingerprint[0] != key:
             digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())

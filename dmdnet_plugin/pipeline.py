@@ -1,32 +1,37 @@
-"""Whole photos in, restored photos out: the one pipeline behind every surface.
+"""Whole photos and clips in, restored ones out: the one pipeline behind every surface.
 
 find faces (:mod:`face_helper`) -> decide each face's identity (:class:`Mode`) ->
 DMDNet.restore (batched per identity) -> paste back. The CLI, the ComfyUI nodes and the
-Gradio demo call :meth:`Restorer.run` (GFPGAN's ``enhance()`` idea): it returns frozen
-results and changes nothing it is given, so a surface holds no loop over faces, no identity
-override and no paste-back of its own.
+Gradio demo call :meth:`Restorer.run` for photos and :meth:`Restorer.run_clip` for a clip's
+frames (GFPGAN's ``enhance()`` idea): they return frozen results and change nothing they are
+given, so a surface holds no loop over faces or frames, no identity override and no paste-back
+of its own. :func:`dmdnet_plugin.factory.load_restorer` is the one way to build a Restorer.
 """
+
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
 
-from .colours import keep_colours
+from .colours import keep_colours as keep_colours_of
 from .damage import damaged_embedding
 from .face_helper import AlignedFace, Detection, FaceHelper
 from .identity import IdentityDictionary
 from .io import ImageError, Picture, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
-from .tracking import CropSmoother
+from .tracking import CropSmoother, TrackedClip, TrackSummary, track_frames
+from .weights import LoadedModel
 
-Progress = Callable[[int, int], None]
-Reference = Union[str, Path, tuple[str, np.ndarray]]  # a file, or (label, float RGB pixels)
+Progress = Callable[[int, int], None]  # (faces done, faces in the run)
+Reference = str | Path | tuple[str, np.ndarray]  # a file, or (label, float RGB pixels)
+FRAMES_PER_RUN = 8  # a clip's frames restored per Restorer.run: faces are batched across them, memory stays bounded
 
 
 class Mode(str, Enum):
@@ -38,19 +43,35 @@ class Mode(str, Enum):
     ONLY_MATCHED = "only-matched"  # faces matching an identity are restored with it; others stay as they are
 
 
+def checked_mode(mode: Mode | str, identities: Sequence[IdentityDictionary]) -> Mode:
+    """The mode, checked against the identities given: the one place every surface's mode is parsed."""
+    try:
+        mode = Mode(mode)
+    except ValueError:
+        raise ValueError(f"{mode!r} is not a valid Mode; use one of {', '.join(m.value for m in Mode)}") from None
+    if mode in (Mode.IDENTITY, Mode.ONLY_MATCHED) and not identities:
+        people = " (the people to restore)" if mode is Mode.ONLY_MATCHED else ""
+        raise ValueError(
+            f"mode '{mode.value}' needs reference photos or an identity dictionary{people}, and none was given"
+        )
+    if mode is Mode.IDENTITY and len(identities) != 1:
+        raise ValueError(f"mode 'identity' needs exactly one identity dictionary, got {len(identities)}")
+    return mode
+
+
 @dataclass(frozen=True)
 class FaceResult:
     """One face: where it is, the identity it was given, and its crop before and after."""
 
-    aligned: AlignedFace
+    face: AlignedFace
     identity: IdentityDictionary | None  # the dictionary used; None: generic (or left as it was)
     match: Match | None  # the matching decision; None in generic mode
-    restored: np.ndarray | None  # like ``aligned.crop``; None when the face was left as it was
+    restored: np.ndarray | None  # like ``face.crop``; None when the face was left as it was
     left_as_is: str | None = None  # why it was not restored (only-matched mode), for reports
 
     @property
     def crop(self) -> np.ndarray:
-        return self.aligned.crop
+        return self.face.crop
 
     @property
     def distance(self) -> float | None:
@@ -60,13 +81,13 @@ class FaceResult:
     def record(self) -> dict:
         """The face's entry in a JSON report (box in input-image pixels)."""
         entry = {
-            "box": [round(float(v), 1) for v in self.aligned.face.box],
+            "box": [round(float(v), 1) for v in self.face.box],
             "identity": None if self.identity is None else (self.identity.name or "unnamed"),
             "distance": None if self.distance is None else round(self.distance, 4),
-            "boxes_from": self.aligned.boxes_from,
+            "boxes_from": self.face.boxes_from,
         }
-        if self.aligned.track is not None:
-            entry["track"] = self.aligned.track
+        if self.face.track is not None:
+            entry["track"] = self.face.track
         if self.match is not None:
             entry.update(self.match.record())
         if self.left_as_is is not None:
@@ -84,6 +105,29 @@ class ImageResult:
     skipped: tuple[dict, ...] = ()
 
 
+@dataclass(frozen=True)
+class ClipStatus:
+    """Where a clip's run stands, for a progress bar: a video shows frames, ComfyUI shows faces."""
+
+    stage: str  # "tracking" or "restoring"
+    frames_done: int
+    n_frames: int  # 0 when unknown
+    faces_done: int = 0
+    n_faces: int = 0  # 0 until known: after tracking, or from the detections given
+
+
+ClipProgress = Callable[[ClipStatus], None]
+
+
+@dataclass(frozen=True)
+class RestoredClip:
+    """A clip being restored: its face tracks (known before the first frame is restored; empty when
+    the frames are restored on their own) and one result per frame, in order, as they are made."""
+
+    tracks: tuple[TrackSummary, ...]
+    results: Iterator[ImageResult]
+
+
 def crops_to_tensor(crops: Sequence[np.ndarray]) -> torch.Tensor:
     """HxWx3 float RGB crops in [0, 1] -> (N, 3, 512, 512) in [-1, 1]."""
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) * 2 - 1
@@ -97,24 +141,26 @@ def tensor_to_crops(t: torch.Tensor) -> list[np.ndarray]:
 class Restorer:
     """Restores every face of a batch of photos with one model, a face helper and identities.
 
+    ``model``: a :class:`LoadedModel` (its precision is used), or a bare DMDNet run in fp32.
     ``threshold`` and ``margin``: the matching rule (:mod:`matching`): near enough to a person's
     mean embedding, and clearly nearer to it than to anyone else. ``batch_size``: faces per model call.
     """
 
     def __init__(
         self,
-        model: DMDNet,
+        model: LoadedModel | DMDNet,
         helper: FaceHelper | None = None,
         identities: Sequence[IdentityDictionary] = (),
         threshold: float = DEFAULT_THRESHOLD,
         batch_size: int = 4,
         margin: float = DEFAULT_MARGIN,
     ) -> None:
-        self.model = model
+        self.loaded = model if isinstance(model, LoadedModel) else LoadedModel(model)
+        self.model = self.loaded.net
         self.helper = helper or FaceHelper()
         self.identities = tuple(identities)
         for ident in self.identities:
-            model.check_identity(ident)
+            self.model.check_identity(ident)
         self.threshold = threshold
         self.margin = margin
         self.batch_size = max(1, batch_size)
@@ -155,12 +201,14 @@ class Restorer:
                 rejected.append(f"{label}: no face found")
         if not faces:
             raise ValueError("no usable reference: " + "; ".join(rejected))
-        ident = self.model.build_identity(
+        ident = self.loaded.encode_identity(
             crops_to_tensor([f.crop for f in faces]),
             torch.from_numpy(np.stack([f.boxes for f in faces])),
             name=name,
             embeddings=np.stack([f.face.embedding for f in faces]),
-            damaged_embeddings=np.stack([damaged_embedding(self.helper.backend, f.crop, f.crop_landmarks) for f in faces]),
+            damaged_embeddings=np.stack(
+                [damaged_embedding(self.helper.backend, f.crop, f.crop_landmarks) for f in faces]
+            ),
         )
         return ident, rejected
 
@@ -169,18 +217,18 @@ class Restorer:
         self, jobs: Sequence[tuple[AlignedFace, IdentityDictionary | None]], progress: Progress | None
     ) -> list[np.ndarray]:
         """Restored crops in the order of ``jobs``: one batched model call per identity group."""
-        groups: dict[int, list[int]] = {}
+        groups: dict[IdentityDictionary | None, list[int]] = {}  # dictionaries hash by identity
         for index, (_, ident) in enumerate(jobs):
-            groups.setdefault(id(ident), []).append(index)
+            groups.setdefault(ident, []).append(index)
         out: list[np.ndarray | None] = [None] * len(jobs)
         done = 0
-        for members in groups.values():
+        for ident, members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
-                restored = self.model.restore(
+                restored = self.loaded.restore(
                     crops_to_tensor([jobs[i][0].crop for i in batch]),
                     torch.from_numpy(np.stack([jobs[i][0].boxes for i in batch])),
-                    identity=jobs[batch[0]][1],
+                    identity=ident,
                 )
                 for i, crop in zip(batch, tensor_to_crops(restored)):
                     out[i] = crop
@@ -200,20 +248,20 @@ class Restorer:
         detections: Sequence[Detection] | None = None,
         progress: Progress | None = None,
         smoother: CropSmoother | None = None,
-        colours: bool = True,
+        keep_colours: bool = True,
     ) -> list[ImageResult]:
-        """Restore the faces of every picture (photos, or a clip's frames); one result per picture.
+        """Restore the faces of every picture; one result per picture.
 
         ``identities`` replaces the Restorer's own for this run (``Mode.IDENTITY`` takes exactly
-        one). ``strength`` blends the restored faces over the originals. ``detections`` (one per
-        picture, e.g. from :meth:`FaceHelper.find`) skips face detection. ``smoother``: a clip's
-        frames, run in order with tracked detections (:mod:`tracking`), get steady restored faces.
-        ``colours``: restored faces keep the input's broad colours (:mod:`colours`); False: the model's.
+        one). ``strength`` blends the restored faces over the originals. ``aligned``: each picture
+        is one aligned 512x512 face. ``detections`` (one per picture, e.g. from
+        :meth:`FaceHelper.find`) skips face detection. ``smoother``: a clip's frames, run in order
+        with tracked detections (:mod:`tracking`), get steady restored faces (:meth:`run_clip`
+        sets this up). ``keep_colours``: restored faces keep the input's broad colours
+        (:mod:`colours`); False: the model's.
         """
-        mode = Mode(mode)
         identities = self.identities if identities is None else tuple(identities)
-        if mode is Mode.IDENTITY and len(identities) != 1:
-            raise ValueError(f"mode 'identity' needs exactly one identity dictionary, got {len(identities)}")
+        mode = checked_mode(mode, identities)
         if identities is not self.identities:
             for ident in identities:
                 self.model.check_identity(ident)
@@ -223,19 +271,135 @@ class Restorer:
         decided = [[(f, *self._decide(f, mode, identities)) for f in d.faces] for d in detections]
         jobs = [(f, ident) for image in decided for f, ident, _, why in image if why is None]
         crops = self._restore(jobs, progress)  # in the order of ``jobs``: image by image, so frame by frame
-        if colours:
-            crops = [keep_colours(crop, f.crop) for (f, _), crop in zip(jobs, crops)]
+        if keep_colours:
+            crops = [keep_colours_of(crop, f.crop) for (f, _), crop in zip(jobs, crops)]
         if smoother is not None:
             crops = [crop if f.track is None else smoother(f.track, crop) for (f, _), crop in zip(jobs, crops)]
         crops = iter(crops)
         results = []
         for picture, detection, image in zip(pictures, detections, decided):
-            faces = tuple(FaceResult(f, ident, decision, next(crops) if why is None else None, why)
-                          for f, ident, decision, why in image)
+            faces = tuple(
+                FaceResult(f, ident, decision, next(crops) if why is None else None, why)
+                for f, ident, decision, why in image
+            )
             pixels, alpha = self.helper.paste(
-                picture, [(r.aligned, r.restored) for r in faces if r.restored is not None], upscale, strength)
+                picture, [(r.face, r.restored) for r in faces if r.restored is not None], upscale, strength
+            )
             results.append(ImageResult(pixels, alpha, faces, detection.skipped))
         return results
+
+    def compare(
+        self,
+        picture: Picture,
+        mode: Mode | str = Mode.AUTO,
+        identities: Sequence[IdentityDictionary] | None = None,
+        strength: float = 1.0,
+        upscale: float = 1.0,
+        keep_colours: bool = True,
+    ) -> tuple[ImageResult, ImageResult | None]:
+        """The photo restored generic, and with the identities in ``mode`` (None without identities or
+        in generic mode), from one face detection: what a before/after page shows side by side."""
+        identities = self.identities if identities is None else tuple(identities)
+        mode = checked_mode(mode, identities)
+        detections = self.helper.find([picture])
+        options = {"strength": strength, "upscale": upscale, "detections": detections, "keep_colours": keep_colours}
+        generic = self.run([picture], Mode.GENERIC, (), **options)[0]
+        if mode is Mode.GENERIC or not identities:
+            return generic, None
+        return generic, self.run([picture], mode, identities, **options)[0]
+
+    def run_clip(
+        self,
+        frames: Callable[[], Iterable[Picture]],
+        mode: Mode | str = Mode.AUTO,
+        identities: Sequence[IdentityDictionary] | None = None,
+        strength: float = 1.0,
+        temporal: bool = True,
+        rate: float = 25.0,
+        keep_colours: bool = True,
+        detections: Sequence[Detection] | None = None,
+        n_frames: int = 0,
+        progress: ClipProgress | None = None,
+    ) -> RestoredClip:
+        """Restore a clip's frames, :data:`FRAMES_PER_RUN` at a time, so a long clip is never held.
+
+        ``frames()`` yields the frames in order; with ``temporal`` it is called twice: once to track
+        the faces (:mod:`tracking`: steady alignment, one identity per track, smoothed crops at
+        ``rate`` frames per second), then to restore. Off, each frame is restored as a photo, with
+        ``detections`` (one per frame) when given. ``progress`` gets a :class:`ClipStatus` per frame
+        and between model calls, so a caller can show it and cancel.
+        """
+        identities = self.identities if identities is None else tuple(identities)
+        mode = checked_mode(mode, identities)
+        if temporal and detections is not None:
+            raise ValueError("a temporal clip is tracked by run_clip; detections cannot be given")
+        if detections is not None and n_frames and len(detections) != n_frames:
+            raise ValueError(f"{len(detections)} detections for {n_frames} frames")
+        tracked = None
+        if temporal:
+
+            def tracking() -> Iterator[np.ndarray]:
+                for index, picture in enumerate(frames()):
+                    if progress:
+                        progress(ClipStatus("tracking", index, n_frames))
+                    yield picture.rgb()
+
+            tracked = track_frames(tracking(), self.helper, rate)
+        results = self._clip_results(
+            frames(),
+            tracked,
+            detections,
+            n_frames,
+            progress,
+            mode=mode,
+            identities=identities,
+            strength=strength,
+            keep_colours=keep_colours,
+        )
+        return RestoredClip(() if tracked is None else tracked.tracks, results)
+
+    def _clip_results(
+        self,
+        frames: Iterable[Picture],
+        tracked: TrackedClip | None,
+        detections: Sequence[Detection] | None,
+        n_frames: int,
+        progress: ClipProgress | None,
+        **options,
+    ) -> Iterator[ImageResult]:
+        smoother = CropSmoother() if tracked is not None else None
+        if tracked is not None:
+            n_faces = sum(len(faces) for faces in tracked.frames)
+        else:
+            n_faces = 0 if detections is None else sum(len(d.faces) for d in detections)
+        done, faces_done, chunk = 0, 0, []
+        for picture in itertools.chain(frames, [None]):  # None: the end, run what is left
+            if picture is not None:
+                chunk.append(picture)
+            if len(chunk) < FRAMES_PER_RUN and (picture is not None or not chunk):
+                continue
+            if tracked is not None:
+                found = tracked.detections(self.helper, chunk, done)
+            elif detections is not None:
+                found = detections[done : done + len(chunk)]
+            else:
+                found = self.helper.find(chunk)
+            if len(found) != len(chunk):
+                raise ValueError(f"{len(detections)} detections for a clip of more frames")
+
+            def report(faces: int, _total: int, at: int = done, before: int = faces_done) -> None:
+                progress(ClipStatus("restoring", at, n_frames, before + faces, n_faces))
+
+            results = self.run(
+                chunk, detections=found, progress=report if progress else None, smoother=smoother, **options
+            )
+            faces_done += sum(len(d.faces) for d in found)
+            for result in results:
+                done += 1
+                if progress:
+                    progress(ClipStatus("restoring", done, n_frames, faces_done, n_faces))
+                yield result
+            chunk = []
 
 
 def save_faces(result: ImageResult, out_dir: Path, stem: str) -> None:

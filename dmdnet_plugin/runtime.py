@@ -7,6 +7,7 @@ allocates about 800 MiB of 64 MiB activations per face, so without tuning a thir
 inference time goes to page faults in the kernel. Keeping freed memory in the heap removes
 them (measured in benchmarks/bench_model.py). Set DMDNET_NO_MALLOC_TUNING=1 to opt out.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,8 +38,15 @@ def tune_cpu_allocator() -> bool:
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -52,7 +60,7 @@ def pick_precision(precision: str | torch.dtype | None, device: torch.device) ->
     """The compute precision every surface uses. ``None``/``"auto"``: fp16 on CUDA, fp32 on CPU.
 
     CPU stays fp32 because bf16 measured slower than fp32 for inference on this project's CPU
-    (README, Speed); bf16 remains available on request.
+    (docs/speed.md); bf16 remains available on request.
     """
     if isinstance(precision, torch.dtype):
         return precision

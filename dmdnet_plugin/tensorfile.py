@@ -5,6 +5,7 @@ leaves to the reader: a bound on the header (so a file cannot make us parse mega
 metadata), and checks that every tensor is floating point and finite, so that a NaN atom or an
 integer weight is refused when the file is opened rather than found later as a black face.
 """
+
 from __future__ import annotations
 
 import json

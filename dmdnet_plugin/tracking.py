@@ -10,10 +10,11 @@ backwards (so it does not lag), and mapped back. A frame where the detector miss
 it, carried by the measured motion. Each track's identity is decided once, from the mean of its
 frames' embeddings: no identity switch inside a track.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -45,8 +46,9 @@ def _alpha(cutoff: np.ndarray | float, rate: float) -> np.ndarray | float:
     return 1.0 / (1.0 + tau * rate)
 
 
-def one_euro(signal: np.ndarray, rate: float, min_cutoff: float = MIN_CUTOFF, beta: float = BETA,
-             d_cutoff: float = D_CUTOFF) -> np.ndarray:
+def one_euro(
+    signal: np.ndarray, rate: float, min_cutoff: float = MIN_CUTOFF, beta: float = BETA, d_cutoff: float = D_CUTOFF
+) -> np.ndarray:
     """One Euro filter along axis 0 of ``signal`` (T, ...), sampled at ``rate`` frames per second."""
     out = np.empty_like(signal, dtype=np.float64)
     out[0] = signal[0]
@@ -89,7 +91,7 @@ def flow_motion(prev_gray: np.ndarray, gray: np.ndarray, box: np.ndarray) -> np.
     x1, y1, x2, y2 = box
     pad = 0.15 * (x2 - x1)
     mask = np.zeros_like(gray)
-    mask[max(0, int(y1 - pad)):min(h, int(y2 + pad)), max(0, int(x1 - pad)):min(w, int(x2 + pad))] = 255
+    mask[max(0, int(y1 - pad)) : min(h, int(y2 + pad)), max(0, int(x1 - pad)) : min(w, int(x2 + pad))] = 255
     points = cv2.goodFeaturesToTrack(prev_gray, maxCorners=150, qualityLevel=0.005, minDistance=4, mask=mask)
     if points is None or len(points) < MIN_FLOW_POINTS:
         return None
@@ -99,8 +101,9 @@ def flow_motion(prev_gray: np.ndarray, gray: np.ndarray, box: np.ndarray) -> np.
     good = (ok[:, 0] == 1) & (ok_back[:, 0] == 1) & (np.linalg.norm(back - points, axis=2)[:, 0] < 0.5)
     if good.sum() < MIN_FLOW_POINTS:
         return None
-    matrix, inliers = cv2.estimateAffinePartial2D(points[good], moved[good], method=cv2.RANSAC,
-                                                  ransacReprojThreshold=1.0)
+    matrix, inliers = cv2.estimateAffinePartial2D(
+        points[good], moved[good], method=cv2.RANSAC, ransacReprojThreshold=1.0
+    )
     if matrix is None or inliers.sum() < MIN_FLOW_POINTS:
         return None
     return matrix
@@ -186,8 +189,12 @@ class TrackedClip:
     def detections(self, helper: FaceHelper, pictures: Sequence[Picture], first: int = 0) -> list[Detection]:
         """The faces of frames ``first, first + 1, ...`` (``pictures``) aligned with their steady
         landmarks: ``Restorer.run(pictures, detections=...)`` restores them."""
-        return [Detection(tuple(replace(helper.align(p.rgb(), face, i), track=track)
-                                for track, face in self.frames[first + i])) for i, p in enumerate(pictures)]
+        return [
+            Detection(
+                tuple(replace(helper.align(p.rgb(), face, i), track=track) for track, face in self.frames[first + i])
+            )
+            for i, p in enumerate(pictures)
+        ]
 
 
 class FaceTracker:
@@ -213,17 +220,25 @@ class FaceTracker:
         gray = cv2.cvtColor(rgb8, cv2.COLOR_RGB2GRAY)
         faces, _ = self.helper.select(rgb8)
         motions = [None if self._prev is None else flow_motion(self._prev, gray, t.boxes[-1]) for t in self._active]
-        predicted = [t.boxes[-1] if m is None else _moved_box(t.boxes[-1], _homogeneous(m))
-                     for t, m in zip(self._active, motions)]
-        pairs = sorted(((iou(box, face.box), ti, fi) for ti, box in enumerate(predicted)
-                        for fi, face in enumerate(faces)), reverse=True)
+        predicted = [
+            t.boxes[-1] if m is None else _moved_box(t.boxes[-1], _homogeneous(m))
+            for t, m in zip(self._active, motions)
+        ]
+        pairs = sorted(
+            ((iou(box, face.box), ti, fi) for ti, box in enumerate(predicted) for fi, face in enumerate(faces)),
+            reverse=True,
+        )
         linked: dict[int, int] = {}
         for overlap, ti, fi in pairs:
             if overlap < LINK_IOU or ti in linked or fi in linked.values():
                 continue
             mean, emb = self._active[ti].embedding(), faces[fi].embedding
-            if (overlap < SAME_PLACE_IOU and mean is not None and emb is not None
-                    and np.linalg.norm(emb - mean) > LINK_DISTANCE):
+            if (
+                overlap < SAME_PLACE_IOU
+                and mean is not None
+                and emb is not None
+                and np.linalg.norm(emb - mean) > LINK_DISTANCE
+            ):
                 continue
             linked[ti] = fi
         still = []
@@ -255,8 +270,11 @@ class FaceTracker:
                 landmarks = _apply(stable[i], np.linalg.inv(track.to_first[i]))
                 face = Face(track.boxes[i], landmarks, seen.score if seen is not None else 0.0, embedding)
                 frames[track.frames[i]].append((track.id, face))
-            summaries.append(TrackSummary(track.id, track.frames[0], track.frames[keep - 1],
-                                          sum(f is not None for f in track.detected)))
+            summaries.append(
+                TrackSummary(
+                    track.id, track.frames[0], track.frames[keep - 1], sum(f is not None for f in track.detected)
+                )
+            )
         return TrackedClip(tuple(tuple(f) for f in frames), tuple(summaries))
 
 

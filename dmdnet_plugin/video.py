@@ -4,29 +4,29 @@ PyAV's wheel carries FFmpeg, so this works offline. The output keeps the input's
 timing (each frame's timestamp is copied, so variable frame rates survive), its rotation (phone
 videos store frames sideways with a display rotation: faces are found and restored upright) and
 its audio stream, copied packet by packet without re-encoding. Frames are decoded three times (to
-count them, to track the faces with :mod:`tracking`, to restore and write them), so a long clip
-is never held in memory; decoding costs milliseconds a frame against about a second a face.
+count them, and twice in :meth:`Restorer.run_clip`: to track the faces, to restore them), so a
+long clip is never held in memory; decoding costs milliseconds a frame against about a second a face.
 """
+
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 from .atomic import atomic_path
 from .identity import IdentityDictionary
 from .io import ImageError, Picture
-from .pipeline import FaceResult, Mode, Restorer
-from .tracking import CropSmoother, TrackedClip, track_frames
+from .pipeline import ClipProgress, FaceResult, Mode, Restorer
+from .tracking import TrackSummary
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
-FRAMES_PER_RUN = 8  # frames restored per Restorer.run: faces are batched across them
 CODECS = {".webm": ("libvpx-vp9", {"crf": "30", "b:v": "0"}), ".avi": ("mpeg4", {"qscale": "2"})}
 DEFAULT_CODEC = ("libx264", {"crf": "17", "preset": "medium"})  # visually lossless for most clips
-FrameProgress = Callable[[str, int, int], None]  # (stage, frames done, frames in the clip)
 
 
 class VideoError(ImageError):
@@ -96,30 +96,54 @@ def probe(path: str | Path) -> VideoInfo:
     return VideoInfo(frames, Fraction(rate), size, has_audio, rotation)
 
 
-def track_video(path: Path, restorer: Restorer, info: VideoInfo, progress: FrameProgress | None = None) -> TrackedClip:
-    """First pass: the clip's face tracks."""
-
-    def frames() -> Iterator[np.ndarray]:
-        for i, frame in enumerate(_decoded(path)):
-            if progress:
-                progress("tracking", i, info.frames)
-            yield info.upright(frame).astype(np.float32) / 255
-
-    return track_frames(frames(), restorer.helper, float(info.rate))
-
-
-def _track_records(first_results: dict[int, FaceResult], clip: TrackedClip) -> list[dict]:
+def _track_records(first_results: dict[int, FaceResult], tracks: tuple[TrackSummary, ...]) -> list[dict]:
     """One report entry per track: its frames, and the identity decided for all of them."""
     out = []
-    for summary in clip.tracks:
+    for summary in tracks:
         result = first_results.get(summary.id)
-        entry = {"track": summary.id, "frames": [summary.first, summary.last], "n_frames": summary.frames,
-                 "detected_frames": summary.detected_frames}
+        entry = {
+            "track": summary.id,
+            "frames": [summary.first, summary.last],
+            "n_frames": summary.frames,
+            "detected_frames": summary.detected_frames,
+        }
         if result is not None:
             face = result.record()
             entry.update({k: v for k, v in face.items() if k not in ("box", "boxes_from", "track")})
         out.append(entry)
     return out
+
+
+class _Frames:
+    """The clip's frames, upright, each time it is called (:meth:`Restorer.run_clip` reads them twice).
+
+    Once ``sink`` is set (the restoring pass), the audio packets met on the way are copied to it,
+    and each frame's stored timing is kept in ``timing`` until its restored frame is written.
+    """
+
+    def __init__(self, src: Path, info: VideoInfo) -> None:
+        self.src, self.info = src, info
+        self.sink: tuple | None = None  # (output container, its audio stream)
+        self.timing: deque[tuple[int, Fraction]] = deque()
+
+    def __call__(self) -> Iterator[Picture]:
+        import av
+
+        with _open(self.src) as inp:
+            streams = [inp.streams.video[0], *inp.streams.audio[:1]]
+            try:
+                for packet in inp.demux(*streams):
+                    if packet.stream.type == "audio":
+                        if self.sink is not None and packet.dts is not None:
+                            packet.stream = self.sink[1]
+                            self.sink[0].mux(packet)
+                        continue
+                    for frame in packet.decode():
+                        if self.sink is not None:
+                            self.timing.append((frame.pts, frame.time_base))
+                        yield Picture(self.info.upright(frame))
+            except av.FFmpegError as exc:
+                raise VideoError(f"{self.src}: broken video data ({exc})") from None
 
 
 def restore_video(
@@ -131,14 +155,14 @@ def restore_video(
     temporal: bool = True,
     strength: float = 1.0,
     max_frames: int | None = None,
-    progress: FrameProgress | None = None,
-    colours: bool = True,
+    progress: ClipProgress | None = None,
+    keep_colours: bool = True,
 ) -> dict:
     """Restore every face of a video into ``dst`` (written atomically); returns its report entry.
 
     ``temporal``: faces are tracked, steadily aligned and given one identity per track; off, each
     frame is restored on its own, as a photo would be. ``max_frames``: refuse longer clips.
-    ``colours``: as in :meth:`Restorer.run`.
+    ``keep_colours``: as in :meth:`Restorer.run`.
     """
     import av
 
@@ -146,31 +170,21 @@ def restore_video(
     info = probe(src)
     if max_frames is not None and info.frames > max_frames:
         raise VideoError(f"{src}: {info.frames} frames, more than the limit of {max_frames}")
-    clip = track_video(src, restorer, info, progress) if temporal else None
     codec, options = CODECS.get(dst.suffix.lower(), DEFAULT_CODEC)
-    smoother = CropSmoother() if temporal else None
+    frames = _Frames(src, info)
+    clip = restorer.run_clip(
+        frames,
+        mode,
+        identities,
+        strength,
+        temporal,
+        float(info.rate),
+        keep_colours,
+        n_frames=info.frames,
+        progress=progress,
+    )
     first_results: dict[int, FaceResult] = {}
     counts = {"faces": 0, "restored": 0}
-
-    def run(batch: list) -> list:
-        pictures = [Picture(info.upright(f)) for _, f in batch]
-        detections = None if clip is None else clip.detections(restorer.helper, pictures, batch[0][0])
-        results = restorer.run(pictures, mode, identities, strength, detections=detections, smoother=smoother,
-                               colours=colours)
-        out = []
-        for (index, frame), result in zip(batch, results):
-            for face in result.faces:
-                counts["faces"] += 1
-                counts["restored"] += face.restored is not None
-                if face.aligned.track is not None:
-                    first_results.setdefault(face.aligned.track, face)
-            new = av.VideoFrame.from_ndarray(info.stored(result.pixels), format="rgb24")
-            new.pts, new.time_base = frame.pts, frame.time_base
-            out.append(new)
-            if progress:
-                progress("restoring", index + 1, info.frames)
-        return out
-
     with _open(src) as inp, atomic_path(dst) as tmp:
         video_in = inp.streams.video[0]
         audio_in = inp.streams.audio[0] if inp.streams.audio else None
@@ -181,35 +195,27 @@ def restore_video(
             video_out.time_base = video_in.time_base
             if info.rotation:
                 video_out.set_display_rotation(info.rotation)
-            audio_out = out.add_stream_from_template(audio_in) if audio_in is not None else None
-
-            def encode(frames: list) -> None:
-                for frame in frames:
-                    out.mux(video_out.encode(frame))
-
-            batch, index = [], 0
-            streams = [video_in] + ([audio_in] if audio_in is not None else [])
-            try:
-                for packet in inp.demux(*streams):
-                    if packet.stream is audio_in:
-                        if packet.dts is not None:
-                            packet.stream = audio_out
-                            out.mux(packet)
-                        continue
-                    for frame in packet.decode():
-                        batch.append((index, frame))
-                        index += 1
-                        if len(batch) == FRAMES_PER_RUN:
-                            encode(run(batch))
-                            batch = []
-                encode(run(batch) if batch else [])
-                out.mux(video_out.encode(None))
-            except av.FFmpegError as exc:
-                raise VideoError(f"{src}: broken video data ({exc})") from None
-    entry = {"frames": info.frames, "fps": round(float(info.rate), 3), "size": list(info.size),
-             "rotation": info.rotation, "audio": "copied" if info.has_audio else None, "temporal": temporal,
-             "faces_seen": counts["faces"], "faces_restored": counts["restored"]}
-    if clip is not None:
-        entry["tracks"] = _track_records(first_results, clip)
+            frames.sink = (out, out.add_stream_from_template(audio_in) if audio_in is not None else None)
+            for result in clip.results:
+                for face in result.faces:
+                    counts["faces"] += 1
+                    counts["restored"] += face.restored is not None
+                    if face.face.track is not None:
+                        first_results.setdefault(face.face.track, face)
+                new = av.VideoFrame.from_ndarray(info.stored(result.pixels), format="rgb24")
+                new.pts, new.time_base = frames.timing.popleft()
+                out.mux(video_out.encode(new))
+            out.mux(video_out.encode(None))
+    entry = {
+        "frames": info.frames,
+        "fps": round(float(info.rate), 3),
+        "size": list(info.size),
+        "rotation": info.rotation,
+        "audio": "copied" if info.has_audio else None,
+        "temporal": temporal,
+        "faces_seen": counts["faces"],
+        "faces_restored": counts["restored"],
+    }
+    if temporal:
+        entry["tracks"] = _track_records(first_results, clip.tracks)
     return entry
-

@@ -5,6 +5,7 @@ our ``.safetensors`` (configuration in the metadata) and BasicSR ``.pth`` files
 (``params_ema`` / ``params``). ``.pth`` files are read with ``weights_only=True``: a
 checkpoint from the internet must never run code when it is opened.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .identity import IdentityDictionary
 from .model import KEY_SCALE, DMDNet
 from .runtime import pick_device, pick_precision, tune_cpu_allocator
 from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
@@ -29,8 +31,10 @@ MAX_HEADER = 8 << 20  # the authors' configuration has about 1,000 tensors: a he
 # The demo checkpoint that ships inside the package (docs/training_demo.md says how it was made).
 BUNDLED = Path(__file__).resolve().parent / "data" / "dmdnet_demo.safetensors"
 BUNDLED_SHA256 = "be2788331039e4414475564d2e082033208429a0e62a934c29ebb13feb45ef81"
-DEMO_NOTE = ("using the small bundled demo model (trained on a CPU on a few hundred faces, far below the "
-             "authors' weights); run `dmdnet weights download` for the authors' DMDNet.pth")
+DEMO_NOTE = (
+    "using the small bundled demo model (trained on a CPU on a few hundred faces, far below the "
+    "authors' weights); run `dmdnet weights download` for the authors' DMDNet.pth"
+)
 
 
 class WeightsError(RuntimeError):
@@ -89,8 +93,10 @@ def find_weights(explicit: str | Path | None = None) -> WeightsSource:
             return WeightsSource(path, "cache")
     if BUNDLED.is_file():
         if sha256_of(BUNDLED) != BUNDLED_SHA256:
-            raise WeightsError(f"{BUNDLED}: the bundled demo checkpoint is damaged (sha256 differs); reinstall "
-                               "the package, or pass --weights PATH")
+            raise WeightsError(
+                f"{BUNDLED}: the bundled demo checkpoint is damaged (sha256 differs); reinstall "
+                "the package, or pass --weights PATH"
+            )
         return WeightsSource(BUNDLED, "bundled demo")
     raise WeightsError(
         f"no DMDNet weights found: run `dmdnet weights download` (fetches {OFFICIAL_NAME} into "
@@ -138,7 +144,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     except TensorFileError as exc:
         raise WeightsError(f"{path}: not a readable checkpoint ({exc})") from None
     except Exception as exc:  # torch.load: zip, pickle and weights_only refusals each have their own type
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise WeightsError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
     config = obj.get("config") if isinstance(obj.get("config"), dict) else None
@@ -184,11 +192,16 @@ def build_model(state: dict[str, torch.Tensor], config: dict | None = None, sour
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
+
         def show(items: list[str]) -> str:
             return f"{len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+
         raise WeightsError(
             f"{source}: does not match DMDNet{model.config}: missing {show(missing)}, "
             f"unexpected {show(unexpected)}, wrong shape {show(wrong)}"
@@ -198,25 +211,59 @@ def build_model(state: dict[str, torch.Tensor], config: dict | None = None, sour
     return model
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network ready for inference, with where its weights came from and the precision it runs in.
+
+    The ``nn.Module`` itself carries neither: it stays a plain DMDNet that training, the
+    benchmarks and the tests use as it is. ``source`` is None for a net built in code.
+    """
+
+    net: DMDNet
+    dtype: torch.dtype = torch.float32  # the compute precision (autocast); the weights stay float32
+    source: WeightsSource | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def restore(
+        self, lq: torch.Tensor, boxes: torch.Tensor, identity: IdentityDictionary | None = None
+    ) -> torch.Tensor:
+        """:meth:`DMDNet.restore` in this model's precision."""
+        return self.net.restore(lq, boxes, identity, dtype=self.dtype)
+
+    def encode_identity(self, refs: torch.Tensor, ref_boxes: torch.Tensor, **options) -> IdentityDictionary:
+        """:meth:`DMDNet.encode_identity` in this model's precision."""
+        return self.net.encode_identity(refs, ref_boxes, dtype=self.dtype, **options)
+
+    def notice(self) -> str:
+        """What every surface tells its user about the weights."""
+        return "weights: built in code" if self.source is None else self.source.notice()
+
+    def record(self) -> dict | None:
+        return None if self.source is None else self.source.record()
+
+
 def load_model(
-    path: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-) -> DMDNet:
+    path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    precision: str | torch.dtype | None = None,
+) -> LoadedModel:
     """Load a checkpoint (found by :func:`find_weights` when ``path`` is None) for inference.
 
-    ``device`` and ``dtype`` (the compute precision of :meth:`DMDNet.restore`, by autocast)
+    ``device`` and ``precision`` (the compute precision of :meth:`DMDNet.restore`, by autocast)
     default to :mod:`runtime`'s rule: CUDA when available; fp16 on CUDA, fp32 on CPU. The
     weights stay float32, so fingerprints and identity dictionaries do not depend on the
-    precision. The model's ``weights_source`` says which file it is and why it was chosen.
+    precision.
     """
     source = find_weights(path)
     state, config = read_state_dict(source.path)
-    model = build_model(state, config, source=str(source.path))
-    model.weights_source = source
+    net = build_model(state, config, source=str(source.path))
     device = pick_device(device)
     if device.type == "cpu":
         tune_cpu_allocator()
-    model.compute_dtype = pick_precision(dtype, device)
-    return model.to(device).eval()
+    return LoadedModel(net.to(device).eval(), pick_precision(precision, device), source)
 
 
 def save_checkpoint(model: DMDNet, path: str | Path, half: bool = False) -> Path:

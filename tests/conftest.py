@@ -1,4 +1,5 @@
 """Shared fixtures: models are expensive, so each configuration is built once per session."""
+
 from __future__ import annotations
 
 import sys

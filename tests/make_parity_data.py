@@ -6,11 +6,14 @@ The authors' code is run, never committed: it needs their checkout (and scipy, w
 their model file imports). Their ``get_component_location`` lives in ``main_test.py``
 beside a face_alignment import, so only that function is taken out with ``ast``.
 """
+
 from __future__ import annotations
 
 import ast
 import json
+import runpy
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +27,14 @@ from dmdnet_plugin import DMDNet  # noqa: E402
 
 
 def authors_box_function(checkout: Path):
-    tree = ast.parse((checkout / "main_test.py").read_text())
-    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_component_location")
-    namespace = {"np": np, "torch": torch}
-    exec(compile(ast.Module([func], []), "main_test.py", "exec"), namespace)
-    return namespace["get_component_location"]
+    """Their function alone, written to a module of its own with the imports it uses, and run from there."""
+    source = (checkout / "main_test.py").read_text()
+    func = next(
+        n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "get_component_location"
+    )
+    module = Path(tempfile.mkdtemp()) / "authors_boxes.py"
+    module.write_text("import numpy as np\nimport torch\n\n\n" + ast.get_source_segment(source, func) + "\n")
+    return runpy.run_path(str(module))["get_component_location"]
 
 
 def main(checkout: Path) -> None:
@@ -48,7 +54,9 @@ def main(checkout: Path) -> None:
     theirs.eval()
     with torch.no_grad():
         sp = theirs.generate_specific_dictionary(sp_imgs=inputs["refs"], sp_locs=inputs["ref_boxes"].float())
-        generic, specific = theirs(lq=inputs["lq"], loc=inputs["lq_boxes"].float(), sp_256=sp[0], sp_128=sp[1], sp_64=sp[2])
+        generic, specific = theirs(
+            lq=inputs["lq"], loc=inputs["lq_boxes"].float(), sp_256=sp[0], sp_128=sp[1], sp_64=sp[2]
+        )
     np.savez_compressed(
         DATA / "parity_expected.npz",
         generic=generic[:, :, 1::4, 1::4].numpy(),

@@ -1,4 +1,5 @@
 """The real faces and boxes that the parity data was computed on (tests/data/SOURCES.md)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ not torch's initialisers. Each spectral norm gets ``u = W v / |W v|``, so sigma 
 conv's typical gain rather than its largest one; activations then keep their scale through
 the deep net and both dictionary branches visibly change the output.
 """
+
 from __future__ import annotations
 
 import numpy as np

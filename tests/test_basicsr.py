@@ -1,4 +1,5 @@
 """BasicSR integration: real training runs of `basicsr_arch/train.py` on CPU, resume, DDP, data."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,6 @@ from parity_inputs import read_face
 pytest.importorskip("basicsr")
 
 from basicsr_arch.dmdnet_dataset import WARP_LIMITS, DMDNetFaceDataset, flip, warp  # noqa: E402
-
 from dmdnet_plugin import load_model  # noqa: E402
 from dmdnet_plugin.align import FFHQ_5, TEMPLATE_BOXES, five_points  # noqa: E402
 from dmdnet_plugin.cli import main as cli  # noqa: E402
@@ -47,9 +47,22 @@ def run_name():
 
 
 def train(name: str, *extra: str, launcher: list[str] | None = None, opt: Path = TINY) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + ["basicsr_arch/train.py", "-opt", str(opt), "--force_yml", f"name={name}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1" if launcher else os.environ.get("OMP_NUM_THREADS", "2")})
+    cmd = (launcher or [sys.executable]) + [
+        "basicsr_arch/train.py",
+        "-opt",
+        str(opt),
+        "--force_yml",
+        f"name={name}",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1" if launcher else os.environ.get("OMP_NUM_THREADS", "2")},
+    )
 
 
 def log_text(name: str) -> str:
@@ -67,10 +80,11 @@ def test_train_validate_load_and_resume_on_cpu(run_name):
     grids = sorted((exp / "visualization" / "celebref_tiny_val").glob("*_2.png"))
     assert len(grids) == 3
     import cv2
+
     assert cv2.imread(str(grids[0])).shape == (512, 2048, 3)  # input | generic | identity | ground truth
     assert list((ROOT / "tb_logger" / run_name).glob("events.out.tfevents.*"))
 
-    model = load_model(exp / "models" / "net_g_2.pth", device="cpu")
+    model = load_model(exp / "models" / "net_g_2.pth", device="cpu").net
     assert model.config == {"ngf": 8, "banks_num": 4}
     out = model.restore(read_face(DATA / "lq" / "00005_17.jpg")[None], torch.from_numpy(TEMPLATE_BOXES)[None])
     assert out.shape == (1, 3, 512, 512) and torch.isfinite(out).all()
@@ -92,7 +106,7 @@ def test_a_run_starts_from_a_safetensors_checkpoint(run_name, tmp_path):
     proc = train(run_name, f"path:pretrain_network_g={tmp_path / 'start.safetensors'}", "train:total_iter=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Loading DMDNet weights from {tmp_path / 'start.safetensors'}" in log_text(run_name)
-    trained = load_model(ROOT / "experiments" / run_name / "models" / "net_g_latest.pth", device="cpu")
+    trained = load_model(ROOT / "experiments" / run_name / "models" / "net_g_latest.pth", device="cpu").net
     key = "E_lq.conv1.0.weight_orig"
     first = start.state_dict()[key].half().float()
     assert (trained.state_dict()[key] - first).abs().max() < 0.01  # one small step from the file's weights
@@ -106,7 +120,10 @@ def test_bf16_autocast_training_on_cpu(run_name):
     assert all(math.isfinite(float(value)) for _, value in losses)
     proc = train(run_name + "_fp8", "train:autocast=fp8", "train:total_iter=1")
     shutil.rmtree(ROOT / "experiments" / (run_name + "_fp8"), ignore_errors=True)
-    assert proc.returncode != 0 and "error: train.autocast: got 'fp8' (str), expected bf16, or nothing for fp32" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "error: train.autocast: got 'fp8' (str), expected bf16, or nothing for fp32" in proc.stderr
+    )
 
 
 def test_two_process_ddp_on_gloo(run_name):
@@ -123,8 +140,13 @@ def test_two_process_ddp_on_gloo(run_name):
 
 def test_missing_vgg_weights_stop_with_a_clear_message(run_name, tmp_path):
     opt = yaml.safe_load(TINY.read_text())
-    opt["train"]["perceptual_opt"] = {"type": "PerceptualLoss", "layer_weights": {"conv5_4": 1.0},
-                                      "vgg_type": "vgg19", "perceptual_weight": 1.0, "style_weight": 50}
+    opt["train"]["perceptual_opt"] = {
+        "type": "PerceptualLoss",
+        "layer_weights": {"conv5_4": 1.0},
+        "vgg_type": "vgg19",
+        "perceptual_weight": 1.0,
+        "style_weight": 50,
+    }
     path = tmp_path / "percep.yml"
     path.write_text(yaml.safe_dump(opt))
     assert not (ROOT / "experiments" / "pretrained_models" / "vgg19-dcbb9e9d.pth").exists()
@@ -134,8 +156,15 @@ def test_missing_vgg_weights_stop_with_a_clear_message(run_name, tmp_path):
 
 
 def test_dataset_references_flips_and_layouts(tmp_path):
-    base = {"name": "t", "num_refs": 2, "use_hflip": False, "downsample_range": [2, 3], "noise_range": [0, 5],
-            "jpeg_range": [80, 90], "phase": "train"}
+    base = {
+        "name": "t",
+        "num_refs": 2,
+        "use_hflip": False,
+        "downsample_range": [2, 3],
+        "noise_range": [0, 5],
+        "jpeg_range": [80, 90],
+        "phase": "train",
+    }
     ds = DMDNetFaceDataset({**base, "dataroot_gt": str(DATA / "celebref")})
     assert len(ds) == 7 and ds.num_refs == 2
     for i in range(len(ds)):
@@ -150,8 +179,10 @@ def test_dataset_references_flips_and_layouts(tmp_path):
         assert item["lq"].shape == item["gt"].shape == (3, 512, 512)
         assert -1 <= item["lq"].min() and item["lq"].max() <= 1
     # authors' landmark files give the authors' boxes
-    assert ds[0]["boxes"].tolist() == __import__("json").loads((DATA / "boxes_expected.json").read_text())[
-        "celebref_00005/0.png.txt"]
+    assert (
+        ds[0]["boxes"].tolist()
+        == __import__("json").loads((DATA / "boxes_expected.json").read_text())["celebref_00005/0.png.txt"]
+    )
 
     plain = tmp_path / "ffhq"
     plain.mkdir()
@@ -180,7 +211,7 @@ def test_warp_moves_the_boxes_with_the_face():
     boxes = np.array([[140, 200, 220, 260], [300, 200, 380, 260], [220, 260, 290, 330], [180, 340, 330, 420]])
     img = np.zeros((512, 512, 3), np.float32)
     for x1, y1, x2, y2 in boxes:
-        img[(y1 + y2) // 2 - 3:(y1 + y2) // 2 + 3, (x1 + x2) // 2 - 3:(x1 + x2) // 2 + 3] = 1
+        img[(y1 + y2) // 2 - 3 : (y1 + y2) // 2 + 3, (x1 + x2) // 2 - 3 : (x1 + x2) // 2 + 3] = 1
     moved_any = False
     for seed in range(5):
         random.seed(seed)
@@ -203,8 +234,15 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_self_references_are_the_target_moved_a_little(tmp_path):
-    base = {"name": "t", "num_refs": 2, "use_hflip": False, "downsample_range": [2, 3], "noise_range": [0, 5],
-            "jpeg_range": [80, 90], "phase": "train"}
+    base = {
+        "name": "t",
+        "num_refs": 2,
+        "use_hflip": False,
+        "downsample_range": [2, 3],
+        "noise_range": [0, 5],
+        "jpeg_range": [80, 90],
+        "phase": "train",
+    }
     plain = tmp_path / "plain"
     plain.mkdir()
     shutil.copy(DATA / "celebref" / "00022" / "10.jpg", plain / "a.jpg")
@@ -254,12 +292,18 @@ def test_crops_align_photos_into_training_folders_and_leave_out_small_faces(tmp_
     assert "2 crops written, 1 faces too small, 1 images failed" in err
     crops = {p.name: cv2.imread(str(p)).astype(float) for p in (tmp_path / "crops" / "person").glob("*.png")}
     assert sorted(crops) == ["face.png", "turned.png"]
-    assert 10 * np.log10(255 ** 2 / ((crops["face.png"] - crops["turned.png"]) ** 2).mean()) > 24  # turn undone
+    assert 10 * np.log10(255**2 / ((crops["face.png"] - crops["turned.png"]) ** 2).mean()) > 24  # turn undone
     landmarks = np.loadtxt(tmp_path / "crops" / "person" / "turned.png.txt")
     assert np.linalg.norm(five_points(landmarks) - FFHQ_5, axis=1).mean() < 6
     assert {p: sha256(p) for p in before} == before
-    ds = DMDNetFaceDataset({"name": "t", "dataroots": [{"path": str(tmp_path / "crops"), "layout": "identities"}],
-                            "num_refs": 1, "phase": "train"})
+    ds = DMDNetFaceDataset(
+        {
+            "name": "t",
+            "dataroots": [{"path": str(tmp_path / "crops"), "layout": "identities"}],
+            "num_refs": 1,
+            "phase": "train",
+        }
+    )
     assert len(ds) == 2 and len(ds.by_identity) == 1
     assert ds[0]["boxes"].tolist() != TEMPLATE_BOXES.tolist()
 
@@ -288,6 +332,7 @@ def test_identity_loss_uses_a_frozen_embedding_network_from_a_file(tmp_path):
 
 def test_component_loss_sees_the_eyes_and_mouth_and_nothing_else():
     from basicsr.losses import build_loss
+
     from basicsr_arch.dmdnet_model import DMDNetModel
     from dmdnet_plugin.components import sanitize_boxes
 
@@ -300,7 +345,7 @@ def test_component_loss_sees_the_eyes_and_mouth_and_nothing_else():
 
     def changed(x0: int, y0: int) -> torch.Tensor:
         out = gt.clone()
-        out[..., y0:y0 + 20, x0:x0 + 20] = 1.0
+        out[..., y0 : y0 + 20, x0 : x0 + 20] = 1.0
         return out
 
     assert loss(gt) == 0
@@ -310,17 +355,32 @@ def test_component_loss_sees_the_eyes_and_mouth_and_nothing_else():
         assert loss(changed(int(x0 + x1) // 2 - 10, int(y0 + y1) // 2 - 10)) > 0.01
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"dataroots": "/data/faces"}, r"datasets.train.dataroots: got '/data/faces' \(str\), expected a list of folders"),
-    ({"num_ref": 2}, r"datasets.train.num_ref: unknown option; did you mean 'num_refs'\?"),
-    ({"dataroots": [{"path": "tests/data/celebref", "layuot": "plain"}]},
-     r"datasets.train.dataroots\[0\].layuot: unknown option; did you mean 'layout'\?"),
-    ({"dataroots": ["/no/such/folder"]}, r"datasets.train.dataroots\[0\]: got '/no/such/folder', expected an existing folder"),
-    ({"jpeg_range": [90, 60]}, r"datasets.train.jpeg_range: got \[90, 60\] \(list\), expected a \[low, high\] pair with 1 <= low <= high <= 100"),
-    ({"num_refs": "2"}, r"datasets.train.num_refs: got '2' \(str\), expected an integer in \[0, 64\]"),
-    ({"kernel_prob": [1.0]}, r"datasets.train.kernel_prob: got 1 probabilities for 2 kernels"),
-    ({"self_ref_prob": 1.5}, r"datasets.train.self_ref_prob: got 1.5 \(float\), expected a number in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"dataroots": "/data/faces"},
+            r"datasets.train.dataroots: got '/data/faces' \(str\), expected a list of folders",
+        ),
+        ({"num_ref": 2}, r"datasets.train.num_ref: unknown option; did you mean 'num_refs'\?"),
+        (
+            {"dataroots": [{"path": "tests/data/celebref", "layuot": "plain"}]},
+            r"datasets.train.dataroots\[0\].layuot: unknown option; did you mean 'layout'\?",
+        ),
+        (
+            {"dataroots": ["/no/such/folder"]},
+            r"datasets.train.dataroots\[0\]: got '/no/such/folder', expected an existing folder",
+        ),
+        (
+            {"jpeg_range": [90, 60]},
+            r"datasets.train.jpeg_range: got \[90, 60\] \(list\), "
+            r"expected a \[low, high\] pair with 1 <= low <= high <= 100",
+        ),
+        ({"num_refs": "2"}, r"datasets.train.num_refs: got '2' \(str\), expected an integer in \[0, 64\]"),
+        ({"kernel_prob": [1.0]}, r"datasets.train.kernel_prob: got 1 probabilities for 2 kernels"),
+        ({"self_ref_prob": 1.5}, r"datasets.train.self_ref_prob: got 1.5 \(float\), expected a number in \[0, 1\]"),
+    ],
+)
 def test_dataset_options_say_which_option_is_wrong(change, message):
     opt = {**yaml.safe_load(TINY.read_text())["datasets"]["train"], "phase": "train", **change}
     if "dataroots" in change:

@@ -1,4 +1,5 @@
 """The `dmdnet` CLI and the face pipeline on real photos (tests/data/SOURCES.md)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +16,10 @@ from PIL import Image
 
 from dmdnet_plugin.align import CROP_MASK, paste_face
 from dmdnet_plugin.cli import main
+from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.identity import IdentityDictionary
 from dmdnet_plugin.io import read_image
-from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.weights import save_checkpoint
 
 
@@ -91,11 +92,37 @@ def test_paste_back_of_an_unchanged_crop_leaves_no_seam_or_colour_shift(backend)
 def test_identity_build_show_and_matching_in_a_two_person_photo(tmp_path, weights, capsys):
     refs = DATA / "celebref"
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    assert run("identity", "build", *[refs / "00005" / f"{i}.jpg" for i in (0, 1, 2)], tmp_path / "nothing.txt",
-               "-o", a, "--name", "person-00005", "--weights", weights) == 0
+    assert (
+        run(
+            "identity",
+            "build",
+            *[refs / "00005" / f"{i}.jpg" for i in (0, 1, 2)],
+            tmp_path / "nothing.txt",
+            "-o",
+            a,
+            "--name",
+            "person-00005",
+            "--weights",
+            weights,
+        )
+        == 0
+    )
     assert "reference rejected" in capsys.readouterr().err
-    assert run("identity", "build", refs / "00022" / "0.jpg", refs / "00022" / "1.jpg", "-o", b,
-               "--name", "person-00022", "--weights", weights) == 0
+    assert (
+        run(
+            "identity",
+            "build",
+            refs / "00022" / "0.jpg",
+            refs / "00022" / "1.jpg",
+            "-o",
+            b,
+            "--name",
+            "person-00022",
+            "--weights",
+            weights,
+        )
+        == 0
+    )
     capsys.readouterr()
     assert run("identity", "show", a) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -105,8 +132,24 @@ def test_identity_build_show_and_matching_in_a_two_person_photo(tmp_path, weight
     assert 0.05 < np.linalg.norm(ident.damaged_embedding - ident.embedding) < 0.5
 
     photo = two_people(tmp_path)
-    assert run("restore", photo, family_png(tmp_path), "-o", tmp_path / "out", "--weights", weights,
-               "--identity", a, "--identity", b, "--report", tmp_path / "r.json") == 0
+    assert (
+        run(
+            "restore",
+            photo,
+            family_png(tmp_path),
+            "-o",
+            tmp_path / "out",
+            "--weights",
+            weights,
+            "--identity",
+            a,
+            "--identity",
+            b,
+            "--report",
+            tmp_path / "r.json",
+        )
+        == 0
+    )
     files = {f["input"]: f for f in json.loads((tmp_path / "r.json").read_text())["files"]}
     faces = sorted(files[str(photo)]["faces"], key=lambda f: f["box"][0])
     assert [f["identity"] for f in faces] == ["person-00005", "person-00022"]
@@ -117,8 +160,20 @@ def test_identity_build_show_and_matching_in_a_two_person_photo(tmp_path, weight
 def test_report_schema(tmp_path, weights):
     src = family_png(tmp_path)
     (tmp_path / "broken.png").write_bytes(b"")
-    assert run("restore", src, tmp_path / "broken.png", "-o", tmp_path / "out", "--weights", weights,
-               "--report", tmp_path / "r.json") == 1
+    assert (
+        run(
+            "restore",
+            src,
+            tmp_path / "broken.png",
+            "-o",
+            tmp_path / "out",
+            "--weights",
+            weights,
+            "--report",
+            tmp_path / "r.json",
+        )
+        == 1
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) == {"weights", "files"} and report["weights"]["origin"] == "--weights"
     ok, bad = report["files"]
@@ -137,8 +192,12 @@ def _bad_inputs(folder):
     (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (folder / "notes.png").write_text("this is not an image\n")
     Image.new("RGB", (1, 1)).save(folder / "tiny.png")
-    return {"empty.jpg": "empty file", "truncated.jpg": "truncated or corrupt",
-            "notes.png": "not an image", "tiny.png": "1x1 pixels"}
+    return {
+        "empty.jpg": "empty file",
+        "truncated.jpg": "truncated or corrupt",
+        "notes.png": "not an image",
+        "tiny.png": "1x1 pixels",
+    }
 
 
 def test_bad_files_get_one_line_errors_and_the_batch_goes_on(tmp_path, weights, capsys):
@@ -175,7 +234,7 @@ def _variants(folder):
     exif[0x0112] = 6  # ... and tagged "rotate 90 clockwise to display"
     rotated.save(folder / "exif.jpg", quality=95, exif=exif)
     big = np.full((6000, 8000, 3), 128, np.uint8)
-    big[:5760, 2000:2000 + 3933] = cv2.resize(bgr, (3933, 5760), interpolation=cv2.INTER_CUBIC)
+    big[:5760, 2000 : 2000 + 3933] = cv2.resize(bgr, (3933, 5760), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(str(folder / "huge.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 80])
     Image.fromarray(np.full((300, 400, 3), (90, 140, 200), np.uint8)).save(folder / "sky.png")
 
@@ -206,21 +265,52 @@ def test_aligned_crops_upscale_and_saved_faces(tmp_path, weights):
     noise = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "noise.png"), noise)
     crop = DATA / "celebref" / "00005" / "3.jpg"
-    assert run("restore", crop, tmp_path / "noise.png", "-o", tmp_path / "out", "--aligned", "--weights", weights,
-               "--report", tmp_path / "r.json", "--save-faces") == 0
+    assert (
+        run(
+            "restore",
+            crop,
+            tmp_path / "noise.png",
+            "-o",
+            tmp_path / "out",
+            "--aligned",
+            "--weights",
+            weights,
+            "--report",
+            tmp_path / "r.json",
+            "--save-faces",
+        )
+        == 0
+    )
     report = {f["input"]: f for f in json.loads((tmp_path / "r.json").read_text())["files"]}
     assert report[str(crop)]["faces"][0]["boxes_from"] == "landmarks"
     assert report[str(tmp_path / "noise.png")]["faces"][0]["boxes_from"] == "template"
     assert cv2.imread(str(tmp_path / "out" / "3.jpg")).shape == (512, 512, 3)
     assert (tmp_path / "out" / "restored_faces" / "3_00.png").exists()
     assert (tmp_path / "out" / "cropped_faces" / "3_00.png").exists()
-    assert run("restore", crop, "-o", tmp_path / "own", "--aligned", "--weights", weights, "--save-faces",
-               "--model-colours") == 0
-    low = (lambda p: cv2.GaussianBlur(cv2.imread(str(p)).astype(float), (0, 0), 16))
+    assert (
+        run(
+            "restore",
+            crop,
+            "-o",
+            tmp_path / "own",
+            "--aligned",
+            "--weights",
+            weights,
+            "--save-faces",
+            "--no-keep-colours",
+        )
+        == 0
+    )
+
+    def low(p):
+        return cv2.GaussianBlur(cv2.imread(str(p)).astype(float), (0, 0), 16)
+
     drift = {d: np.abs(low(tmp_path / d / "restored_faces" / "3_00.png") - low(crop)).mean() for d in ("out", "own")}
-    assert drift["out"] < drift["own"] / 3, drift  # by default the crop's broad colours; --model-colours: the model's
-    assert run("restore", DATA / "photos" / "family.jpg", "-o", tmp_path / "up", "--upscale", "2",
-               "--weights", weights) == 0
+    assert drift["out"] < drift["own"] / 3, drift  # by default the crop's broad colours; --no-keep-colours: the model's
+    assert (
+        run("restore", DATA / "photos" / "family.jpg", "-o", tmp_path / "up", "--upscale", "2", "--weights", weights)
+        == 0
+    )
     assert cv2.imread(str(tmp_path / "up" / "family.jpg")).shape == (1280, 874, 3)
 
 
@@ -235,15 +325,39 @@ def test_output_never_overwrites_the_input(tmp_path, weights, capsys):
 def test_console_script_offline_runs_the_bundled_demo_and_says_so(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "DMDNET_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
     dmdnet = [sys.executable, "-m", "dmdnet_plugin.cli"]
-    proc = subprocess.run(dmdnet + ["restore", str(DATA / "photos" / "family.jpg"), "-o", str(tmp_path / "o"),
-                                    "--report", str(tmp_path / "r.json")], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        dmdnet
+        + [
+            "restore",
+            str(DATA / "photos" / "family.jpg"),
+            "-o",
+            str(tmp_path / "o"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "dmdnet_demo.safetensors (bundled demo)" in proc.stderr and "dmdnet weights download" in proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["weights"]["origin"] == "bundled demo" and report["weights"]["demo"] is True
     assert report["files"][0]["status"] == "ok" and (tmp_path / "o" / "family.jpg").is_file()
-    proc = subprocess.run(dmdnet + ["restore", str(DATA / "photos" / "family.jpg"), "-o", str(tmp_path / "o"),
-                                    "--weights", str(tmp_path / "nope.pth")], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        dmdnet
+        + [
+            "restore",
+            str(DATA / "photos" / "family.jpg"),
+            "-o",
+            str(tmp_path / "o"),
+            "--weights",
+            str(tmp_path / "nope.pth"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 2
     assert "nope.pth: weights file not found" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -271,7 +385,9 @@ def test_retinaface_backend_loads_its_weights_from_the_folder(tmp_path, monkeypa
     with pytest.raises(FaceModelsError, match="not usable RetinaFace weights"):
         get_backend("retinaface", tmp_path)
     monkeypatch.delenv("DMDNET_FACEXLIB_DIR")
-    with pytest.raises(FaceModelsError, match="retinaface needs detection_Resnet50_Final.pth or detection_mobilenet0.25"):
+    with pytest.raises(
+        FaceModelsError, match="retinaface needs detection_Resnet50_Final.pth or detection_mobilenet0.25"
+    ):
         get_backend("retinaface", tmp_path / "empty")
     assert get_backend("auto", tmp_path / "empty").name == "dlib-hog"
 
@@ -281,21 +397,35 @@ def test_only_matched_mode_leaves_strangers_as_they_were(tmp_path, weights):
     ident = tmp_path / "p5.safetensors"
     refs = [DATA / "celebref" / "00005" / f"{i}.jpg" for i in (0, 1, 2)]
     assert run("identity", "build", *refs, "-o", ident, "--name", "p5", "--weights", weights) == 0
-    assert run("restore", photo, "-o", tmp_path / "out", "--weights", weights, "--identity", ident,
-               "--mode", "only-matched", "--report", tmp_path / "r.json") == 0
+    assert (
+        run(
+            "restore",
+            photo,
+            "-o",
+            tmp_path / "out",
+            "--weights",
+            weights,
+            "--identity",
+            ident,
+            "--mode",
+            "only-matched",
+            "--report",
+            tmp_path / "r.json",
+        )
+        == 0
+    )
     left, right = sorted(json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"], key=lambda f: f["box"][0])
     assert left["identity"] == "p5" and "left_as_is" not in left
     assert right["identity"] is None
-    assert re.fullmatch(r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.52; "
-                        r"with the damaged references, too far: the nearest is at 0\.\d+, above the threshold 0\.4",
-                        right["left_as_is"]), right["left_as_is"]
+    assert re.fullmatch(
+        r"no identity matched: too far: the nearest is at 0\.\d+, above the threshold 0\.52; "
+        r"with the damaged references, too far: the nearest is at 0\.\d+, above the threshold 0\.4",
+        right["left_as_is"],
+    ), right["left_as_is"]
     assert right["match_damaged_distance"] > 0.4 and left["match_damaged_margin"] is None
     assert left["match_decision"] == "matched" and left["match_margin"] is None  # one identity: no runner-up
     x1, y1, x2, y2 = map(int, right["box"])
     before, after = read_image(photo).pixels, read_image(tmp_path / "out" / photo.name).pixels
-    np.testing.assert_array_equal(after[y1:y2, x1 + 40:x2], before[y1:y2, x1 + 40:x2])
-    assert run("restore", photo, "-o", tmp_path / "out3", "--weights", weights, "--identity", ident,
-               "--only-identities") == 0  # the same, as the flag chosen-people users look for
-    np.testing.assert_array_equal(read_image(tmp_path / "out3" / photo.name).pixels, after)
-    assert run("restore", photo, "-o", tmp_path / "out4", "--weights", weights, "--only-identities") == 2
+    np.testing.assert_array_equal(after[y1:y2, x1 + 40 : x2], before[y1:y2, x1 + 40 : x2])
+    assert run("restore", photo, "-o", tmp_path / "out4", "--weights", weights, "--mode", "only-matched") == 2
     assert run("restore", photo, "-o", tmp_path / "out2", "--weights", weights, "--mode", "identity") == 2

@@ -7,6 +7,7 @@ templates (example_workflows/) are listed, served and queued through /prompt, ba
 errors, and the front end's template browser loads each template in headless Chromium (needs
 Debian's chromium and the playwright package; skipped without them).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ from conftest import small_net
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
 ROOT = Path(__file__).resolve().parents[1]
-NODES = ["DMDNetModelLoader", "DMDNetDetectFaces", "DMDNetBuildIdentity", "DMDNetSaveIdentity",
-         "DMDNetLoadIdentity", "DMDNetRestoreFaces"]
+NODES = [
+    "DMDNetModelLoader",
+    "DMDNetDetectFaces",
+    "DMDNetBuildIdentity",
+    "DMDNetSaveIdentity",
+    "DMDNetLoadIdentity",
+    "DMDNetRestoreFaces",
+]
 
 
 def _get(url: str):
@@ -44,8 +51,9 @@ def _post(url: str, data: dict):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from dmdnet_plugin.weights import save_checkpoint
     from test_comfy_nodes import prepare_inputs
+
+    from dmdnet_plugin.weights import save_checkpoint
 
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
@@ -61,10 +69,24 @@ def server(tmp_path_factory):
         port = s.getsockname()[1]
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
-        [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-         "--port", str(port), "--disable-auto-launch", "--base-directory", str(base),
-         "--extra-model-paths-config", str(base / "extra_model_paths.yaml")],
-        cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+        [
+            os.environ.get("COMFYUI_PYTHON", sys.executable),
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(base),
+            "--extra-model-paths-config",
+            str(base / "extra_model_paths.yaml"),
+        ],
+        cwd=COMFYUI,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -117,14 +139,20 @@ def test_v3_nodes_appear_in_object_info_with_tooltips(server):
     # the bundled demo, registered in place, and a folder from extra_model_paths.yaml
     assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors", "from_extra_paths.safetensors"]
     log = (base / "server.log").read_text()
-    assert not [line for line in log.splitlines() if "dmdnet" in line.lower() and ("FAILED" in line or "Cannot import" in line)]
+    assert not [
+        line for line in log.splitlines() if "dmdnet" in line.lower() and ("FAILED" in line or "Cannot import" in line)
+    ]
 
 
 def test_templates_are_served_and_run_with_the_bundled_model_and_images(server):
     url, base = server
     listed = _get(url + "/workflow_templates")["dmdnet-plugin"]
-    assert sorted(listed) == ["dmdnet_build_identity", "dmdnet_restore_chosen_people", "dmdnet_restore_faces",
-                              "dmdnet_restore_video"]
+    assert sorted(listed) == [
+        "dmdnet_build_identity",
+        "dmdnet_restore_chosen_people",
+        "dmdnet_restore_faces",
+        "dmdnet_restore_video",
+    ]
     for name in listed:
         with urllib.request.urlopen(f"{url}/api/workflow_templates/dmdnet-plugin/{name}.jpg", timeout=30) as r:
             assert r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 1000
@@ -148,12 +176,19 @@ def test_templates_are_served_and_run_with_the_bundled_model_and_images(server):
 
 def test_registry_metadata_passes_comfyuis_own_parser():
     """pyproject.toml read by ComfyUI's comfy_config parser, as the registry tooling reads it."""
-    code = ("import json, sys; from comfy_config.config_parser import extract_node_configuration as x; "
-            "c = x(sys.argv[1]); print(json.dumps({'license': c.project.license.file, 'version': c.project.version, "
-            "'repository': c.project.urls.repository, 'icon': c.tool_comfy.icon, "
-            "'comfyui': c.project.supported_comfyui_version, 'publisher': c.tool_comfy.publisher_id}))")
-    proc = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", code, str(ROOT)], cwd=COMFYUI,
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import json, sys; from comfy_config.config_parser import extract_node_configuration as x; "
+        "c = x(sys.argv[1]); print(json.dumps({'license': c.project.license.file, 'version': c.project.version, "
+        "'repository': c.project.urls.repository, 'icon': c.tool_comfy.icon, "
+        "'comfyui': c.project.supported_comfyui_version, 'publisher': c.tool_comfy.publisher_id}))"
+    )
+    proc = subprocess.run(
+        [os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", code, str(ROOT)],
+        cwd=COMFYUI,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads(proc.stdout.strip().splitlines()[-1])
     assert meta["license"] == "LICENSE" and (ROOT / "LICENSE").is_file()
@@ -176,9 +211,16 @@ def test_front_end_lists_the_templates_and_renders_the_v3_nodes(server):
     names = ["dmdnet_restore_faces", "dmdnet_build_identity", "dmdnet_restore_chosen_people", "dmdnet_restore_video"]
     loaded = {}
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -202,15 +244,25 @@ def test_front_end_lists_the_templates_and_renders_the_v3_nodes(server):
         assert all(known for _, _, known in loaded[name]), name
         assert sorted(t for t, _, _ in loaded[name]) == sorted(n["class_type"] for n in workflow(name).values())
     widgets = {t: w for t, w, _ in loaded["dmdnet_restore_chosen_people"]}
-    assert widgets["DMDNetRestoreFaces"] == ["strength", "match_threshold", "batch_size", "match_margin", "mode",
-                                             "only_identities", "temporal", "frame_rate", "keep_colors"]
+    assert widgets["DMDNetRestoreFaces"] == [
+        "strength",
+        "threshold",
+        "batch_size",
+        "margin",
+        "mode",
+        "temporal",
+        "frame_rate",
+        "keep_colours",
+    ]
     assert widgets["DMDNetBuildIdentity"] == ["name"]
     if os.environ.get("DMDNET_THUMBNAILS"):
         for name in names:
             shot = cv2.imread(str(base / f"{name}.png"))[70:, 60:]  # the canvas, without the menus
-            cv2.imwrite(str(Path(os.environ["DMDNET_THUMBNAILS"]) / f"{name}.jpg"),
-                        cv2.resize(shot, (768, 768 * shot.shape[0] // shot.shape[1]), interpolation=cv2.INTER_AREA),
-                        [cv2.IMWRITE_JPEG_QUALITY, 85])
+            cv2.imwrite(
+                str(Path(os.environ["DMDNET_THUMBNAILS"]) / f"{name}.jpg"),
+                cv2.resize(shot, (768, 768 * shot.shape[0] // shot.shape[1]), interpolation=cv2.INTER_AREA),
+                [cv2.IMWRITE_JPEG_QUALITY, 85],
+            )
     relevant = [e for e in errors if "DMDNet" in e or "node" in e.lower() or "Uncaught" in e]
     assert not relevant, relevant
 
@@ -234,9 +286,21 @@ def node_error(url: str, prompt: dict) -> str:
 def _restore_graph(image_node: dict, model_name: str = "dmdnet.safetensors", identity: str | None = None) -> dict:
     graph = {
         "1": image_node,
-        "2": {"class_type": "DMDNetModelLoader", "inputs": {"model_name": model_name, "device": "auto", "precision": "auto"}},
-        "3": {"class_type": "DMDNetRestoreFaces", "inputs": {"model": ["2", 0], "image": ["1", 0], "strength": 1.0,
-                                                               "match_threshold": 0.5, "batch_size": 8, "mode": "auto"}},
+        "2": {
+            "class_type": "DMDNetModelLoader",
+            "inputs": {"model_name": model_name, "device": "auto", "precision": "auto"},
+        },
+        "3": {
+            "class_type": "DMDNetRestoreFaces",
+            "inputs": {
+                "model": ["2", 0],
+                "image": ["1", 0],
+                "strength": 1.0,
+                "threshold": 0.5,
+                "batch_size": 8,
+                "mode": "auto",
+            },
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
     if identity:
@@ -258,19 +322,28 @@ def test_bad_graphs_get_clear_node_errors_and_the_server_keeps_working(server):
     url, base = server
     save_file({"weight": torch.zeros(4, 4)}, str(base / "models" / "dmdnet" / "not_dmdnet.safetensors"))
     inputs = load_parity_inputs()
-    foreign = small_net(seed=1).build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1], name="foreign")
+    foreign = small_net(seed=1).encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1], name="foreign")
     foreign.save(base / "models" / "dmdnet_identities" / "foreign.safetensors")
     photo = {"class_type": "LoadImage", "inputs": {"image": "p1_1.jpg"}}
     tiny = {"class_type": "EmptyImage", "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
     cases = {
-        "missing checkpoint": (_restore_graph(photo, "missing.safetensors"),
-                               r"DMDNetModelLoader: DMDNet checkpoint missing.safetensors not found in models/dmdnet"),
-        "not a DMDNet checkpoint": (_restore_graph(photo, "not_dmdnet.safetensors"),
-                                    r"DMDNetModelLoader: .*not_dmdnet.safetensors: not a DMDNet state dict"),
-        "identity of another model": (_restore_graph(photo, identity="foreign.safetensors"),
-                                      r"DMDNetRestoreFaces: identity dictionary foreign was built by model \w+, not by "
-                                      r"the loaded model \w+"),
-        "1x1 image": (_restore_graph(tiny), r"DMDNetRestoreFaces: DMDNet Restore Faces: the images are 1x1 px, too small"),
+        "missing checkpoint": (
+            _restore_graph(photo, "missing.safetensors"),
+            r"DMDNetModelLoader: DMDNet checkpoint missing.safetensors not found in models/dmdnet",
+        ),
+        "not a DMDNet checkpoint": (
+            _restore_graph(photo, "not_dmdnet.safetensors"),
+            r"DMDNetModelLoader: .*not_dmdnet.safetensors: not a DMDNet state dict",
+        ),
+        "identity of another model": (
+            _restore_graph(photo, identity="foreign.safetensors"),
+            r"DMDNetRestoreFaces: identity dictionary foreign was built by model \w+, not by "
+            r"the loaded model \w+",
+        ),
+        "1x1 image": (
+            _restore_graph(tiny),
+            r"DMDNetRestoreFaces: DMDNet Restore Faces: the images are 1x1 px, too small",
+        ),
     }
     seen = {}
     for label, (graph, pattern) in cases.items():

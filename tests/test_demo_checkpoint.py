@@ -4,6 +4,7 @@ and `make demo` runs offline with it.
 The held-out faces (tests/data/heldout, CelebRef identities 00121 and 00146) were never
 trained on. Their degradation is the fixed moderate one of benchmarks/evaluate_heldout.py.
 """
+
 from __future__ import annotations
 
 import sys
@@ -58,7 +59,7 @@ def test_make_demo_restores_the_examples_offline(tmp_path, monkeypatch, capsys):
         # share of pixels the generic restoration moved by > 2 levels: the faces are 2.6% of the family photo
         for panels, share in ((full, 0.01), (close, 0.2)):  # input | generic | identity
             third = panels.shape[1] // 3
-            inp, generic, with_identity = (panels[:, i * third:(i + 1) * third] for i in range(3))
+            inp, generic, with_identity = (panels[:, i * third : (i + 1) * third] for i in range(3))
             assert (cv2.absdiff(inp, generic).max(axis=2) > 2).mean() > share, stem
             if stem == "obama_lowres":  # the one person with references: the identity changes the face
                 assert (cv2.absdiff(generic, with_identity).max(axis=2) > 4).mean() > 0.001

@@ -1,6 +1,8 @@
 """The Gradio demo: its functions, the launched app through gradio_client, and a real browser."""
+
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -16,10 +18,9 @@ from parity_inputs import load_parity_inputs
 gr = pytest.importorskip("gradio")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import gradio_app  # noqa: E402
-
 from load_gradio import run_load, serve, summary  # noqa: E402
 
+import gradio_app  # noqa: E402
 from dmdnet_plugin import IdentityDictionary  # noqa: E402
 from dmdnet_plugin.weights import save_checkpoint  # noqa: E402
 
@@ -34,15 +35,13 @@ def weights(tmp_path_factory):
 
 @pytest.fixture
 def app(weights):
-    gradio_app.SETTINGS.weights, gradio_app.SETTINGS.device = str(weights), "cpu"
-    gradio_app._SHARED.clear()
-    yield gradio_app
-    gradio_app._SHARED.clear()
+    return gradio_app.Demo(str(weights), "cpu")
 
 
 def call(app, photo, refs=None, identity=None, mode="auto", upscale=1.0, strength=1.0, largest=False):
-    return app.restore(str(photo) if photo else None, refs, identity, mode, upscale, strength, largest,
-                       progress=lambda *a, **k: None)
+    return app.restore(
+        str(photo) if photo else None, refs, identity, mode, upscale, strength, largest, progress=lambda *a, **k: None
+    )
 
 
 def test_photo_with_references_gives_both_results_and_downloads(app):
@@ -78,12 +77,11 @@ def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
             call(app, *args)
         assert str(tmp_path) not in str(err.value)
     inputs = load_parity_inputs()
-    foreign = small_net(seed=3).build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
+    foreign = small_net(seed=3).encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
     path = foreign.save(tmp_path / "foreign.safetensors")
     with pytest.raises(gr.Error, match="rebuild it from its references"):
         call(app, PHOTO, None, str(path))
-    app._SHARED.clear()
-    monkeypatch.setattr(app.SETTINGS, "weights", None)
+    app = gradio_app.Demo(None, "cpu")
     monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
     monkeypatch.setattr("dmdnet_plugin.weights.BUNDLED", tmp_path / "not_installed.safetensors")
@@ -91,9 +89,8 @@ def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
         call(app, PHOTO)
 
 
-def test_the_page_says_when_it_runs_the_bundled_demo_model(app, monkeypatch, tmp_path):
-    app._SHARED.clear()
-    monkeypatch.setattr(app.SETTINGS, "weights", None)
+def test_the_page_says_when_it_runs_the_bundled_demo_model(monkeypatch, tmp_path):
+    app = gradio_app.Demo(None, "cpu")
     monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DMDNET_WEIGHTS", raising=False)
     message = call(app, PHOTO, mode="generic")[-1]
@@ -116,7 +113,9 @@ def test_concurrent_clients_get_their_own_results_and_the_server_survives(tmp_pa
     print(summary(report))
     assert len(statuses) == 29 and statuses.count("refused") == 3 and statuses.count("ok") >= 16
     assert set(statuses) <= {"ok", "refused", "rejected"}, [o for o in report.outcomes if o.status not in ("ok",)]
-    assert {o.message for o in report.outcomes if o.status == "refused"} == {"broken.png: not a readable image (UnidentifiedImageError)"}
+    assert {o.message for o in report.outcomes if o.status == "refused"} == {
+        "broken.png: not a readable image (UnidentifiedImageError)"
+    }
     assert {o.message for o in report.outcomes if o.status == "rejected"} <= {"Queue is full! Please try again."}
     assert 0 < report.peak_mb < 4096
 
@@ -125,8 +124,19 @@ def test_launched_app_through_gradio_client(server):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    out = client.predict(handle_file(str(PHOTO)), [handle_file(r) for r in REFS[:2]], None, "auto", 1, 1.0, False, 0.52, 0.05, True,
-                         api_name="/restore")
+    out = client.predict(
+        handle_file(str(PHOTO)),
+        [handle_file(r) for r in REFS[:2]],
+        None,
+        "auto",
+        1,
+        1.0,
+        False,
+        0.52,
+        0.05,
+        True,
+        api_name="/restore",
+    )
     slider, generic, specific, crops, result_file, identity_file, message = out
     assert cv2.imread(result_file).shape == cv2.imread(str(PHOTO)).shape
     assert IdentityDictionary.load(identity_file).n_refs == 2
@@ -140,18 +150,19 @@ def short_clip(path: Path, frames: int) -> Path:
     return path
 
 
-def test_video_through_gradio_client_and_its_length_limit(server, app, tmp_path, monkeypatch):
+def test_video_through_gradio_client_and_its_length_limit(server, app, tmp_path):
     import av
     from gradio_client import Client, handle_file
 
     clip = short_clip(tmp_path / "clip.mp4", 4)
     client = Client(server, verbose=False)
-    video, message = client.predict(handle_file(str(clip)), [handle_file(r) for r in REFS[:2]], None, True,
-                                    api_name="/restore_video")
+    video, message = client.predict(
+        handle_file(str(clip)), [handle_file(r) for r in REFS[:2]], None, True, api_name="/restore_video"
+    )
     with av.open(video["video"] if isinstance(video, dict) else video) as out:
         assert sum(1 for _ in out.decode(video=0)) == 4 and out.streams.audio
     assert "4 frames at 25.0 fps, 4 faces restored" in message and "person 1: frames 0-3, person" in message
-    monkeypatch.setattr(app, "MAX_VIDEO_FRAMES", 3)
+    app = dataclasses.replace(app, max_video_frames=3)
     with pytest.raises(gr.Error, match="clip.mp4: 4 frames, more than the limit of 3"):
         app.restore_clip(str(clip), None, None, True, progress=lambda *a, **k: None)
     (tmp_path / "text.mp4").write_text("not a video")
@@ -165,9 +176,16 @@ def test_browser_uploads_and_restores(server, tmp_path):
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(server)
         page.locator("input[type=file]").first.set_input_files(str(PHOTO))

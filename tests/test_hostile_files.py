@@ -5,6 +5,7 @@ seed. Each must either load to something usable or fail with the loader's own er
 names the file. The CLI must print exactly one ``error:`` line for it and no traceback, no file may
 run code, and reading them all must not grow the process by more than a small multiple of a file.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pickle
 import random
 import resource
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -125,10 +126,22 @@ def _byte_damage(blob: bytes, rng: random.Random) -> bytes:
 
 def _metadata_damage(blob: bytes, rng: random.Random, fields: list[str]) -> bytes:
     field = rng.choice(fields)
-    value = rng.choice([
-        "not json {", "[1, 2", "{}", '["a"]', "[NaN, 1]", "[]", "1e999", "-3", "null", "x" * (2 << 20),
-        json.dumps([0.1] * 300_000), None,
-    ])
+    value = rng.choice(
+        [
+            "not json {",
+            "[1, 2",
+            "{}",
+            '["a"]',
+            "[NaN, 1]",
+            "[]",
+            "1e999",
+            "-3",
+            "null",
+            "x" * (2 << 20),
+            json.dumps([0.1] * 300_000),
+            None,
+        ]
+    )
     return _with_meta(blob, **{field: value})
 
 
@@ -182,8 +195,9 @@ def _cli_says_one_error_line(argv: list[str], path: Path, capsys) -> None:
 def identity_blob(small, tmp_path_factory) -> bytes:
     inputs = load_parity_inputs()
     emb = np.random.default_rng(0).normal(size=(2, 128))
-    ident = small.build_identity(inputs["refs"][:2], inputs["ref_boxes"][:2], name="someone", embeddings=emb,
-                                 damaged_embeddings=emb + 0.1)
+    ident = small.encode_identity(
+        inputs["refs"][:2], inputs["ref_boxes"][:2], name="someone", embeddings=emb, damaged_embeddings=emb + 0.1
+    )
     return ident.save(tmp_path_factory.mktemp("ident") / "base.safetensors").read_bytes()
 
 
@@ -198,7 +212,11 @@ def test_hostile_identity_dictionaries_are_refused_cleanly(small, identity_blob,
         except IdentityError as exc:
             assert "\n" not in str(exc)
 
-    cases = _cases(identity_blob, ["embedding", "embedding_damaged", "n_refs", "n_embedded", "model_fingerprint", "format", "name"], rng)
+    cases = _cases(
+        identity_blob,
+        ["embedding", "embedding_damaged", "n_refs", "n_embedded", "model_fingerprint", "format", "name"],
+        rng,
+    )
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i, (kind, blob) in enumerate(cases):
         path = tmp_path / f"case{i:03d}-{kind}.safetensors"
@@ -208,8 +226,10 @@ def test_hostile_identity_dictionaries_are_refused_cleanly(small, identity_blob,
             _cli_says_one_error_line(["identity", "show", str(path)], path, capsys)
         path.unlink()
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
-    print(f"identity dictionaries: {len(cases)} cases, " + ", ".join(
-        f"{k}: {v.count('refused')} refused / {v.count('usable')} usable" for k, v in outcomes.items()))
+    print(
+        f"identity dictionaries: {len(cases)} cases, "
+        + ", ".join(f"{k}: {v.count('refused')} refused / {v.count('usable')} usable" for k, v in outcomes.items())
+    )
     assert not MARKER.exists(), "a pickled file ran code"
     assert all(v == ["refused"] * len(v) for k, v in outcomes.items() if k in ("nan-inf", "pickle"))
     assert grown_mb < 64, f"peak memory grew by {grown_mb:.0f} MB reading files of {len(identity_blob) >> 10} kB"
@@ -228,13 +248,18 @@ def test_hostile_checkpoints_are_refused_cleanly(small, tmp_path, capsys):
         path = tmp_path / f"case{i:03d}-{kind}{suffix}"
         path.write_bytes(blob)
         outcomes.setdefault(kind, []).append(
-            _check_one(path, lambda p: load_model(p, device="cpu"), WeightsError, lambda m: None))
+            _check_one(path, lambda p: load_model(p, device="cpu"), WeightsError, lambda m: None)
+        )
         if outcomes[kind][-1] == "refused" and i % 8 == 0:
             _cli_says_one_error_line(["convert", str(path), str(tmp_path / "out.safetensors")], path, capsys)
         path.unlink()
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
-    print(f"checkpoints: {len(cases)} cases, " + ", ".join(
-        f"{k}: {v.count('refused')} refused / {v.count('usable')} usable" for k, v in outcomes.items()))
+    print(
+        f"checkpoints: {len(cases)} cases, "
+        + ", ".join(f"{k}: {v.count('refused')} refused / {v.count('usable')} usable" for k, v in outcomes.items())
+    )
     assert not MARKER.exists(), "a pickled checkpoint ran code"
-    assert all(v == ["refused"] * len(v) for k, v in outcomes.items() if k in ("nan-inf", "pickle", "shape", "config-claims"))
+    assert all(
+        v == ["refused"] * len(v) for k, v in outcomes.items() if k in ("nan-inf", "pickle", "shape", "config-claims")
+    )
     assert grown_mb < 4 * len(base) / 2**20 + 64, f"peak memory grew by {grown_mb:.0f} MB"

@@ -1,4 +1,5 @@
 """Identity dictionaries: built once, saved, reloaded, extended, and refused when foreign."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,7 @@ from conftest import small_net
 from parity_inputs import load_parity_inputs
 
 from dmdnet_plugin import IdentityDictionary, IdentityError
+from dmdnet_plugin.identity import atoms_on
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +19,9 @@ def inputs():
 
 def test_save_load_round_trip_restores_identically(small, inputs, tmp_path):
     emb = np.random.default_rng(0).standard_normal((3, 128))
-    ident = small.build_identity(inputs["refs"], inputs["ref_boxes"], name="person-00005", embeddings=emb,
-                                 damaged_embeddings=emb[::-1] * 0.5)
+    ident = small.encode_identity(
+        inputs["refs"], inputs["ref_boxes"], name="person-00005", embeddings=emb, damaged_embeddings=emb[::-1] * 0.5
+    )
     path = ident.save(tmp_path / "p.safetensors")
     loaded = IdentityDictionary.load(path)
     assert (loaded.name, loaded.n_refs, loaded.model_fingerprint) == ("person-00005", 3, small.fingerprint())
@@ -33,7 +36,7 @@ def test_save_load_round_trip_restores_identically(small, inputs, tmp_path):
 
 
 def test_a_single_reference_is_enough(small, inputs):
-    ident = small.build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
+    ident = small.encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
     assert ident.n_refs == 1
     generic = small.restore(inputs["lq"], inputs["lq_boxes"])
     specific = small.restore(inputs["lq"], inputs["lq_boxes"], identity=ident)
@@ -41,17 +44,19 @@ def test_a_single_reference_is_enough(small, inputs):
 
 
 def test_extending_keeps_the_old_atoms_and_equals_building_all_at_once(small, inputs):
-    a = small.build_identity(inputs["refs"][:2], inputs["ref_boxes"][:2], embeddings=np.ones((2, 4)),
-                             damaged_embeddings=np.full((2, 4), 3.0))
-    b = small.build_identity(inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)),
-                             damaged_embeddings=np.zeros((1, 4)))
-    both = small.build_identity(inputs["refs"], inputs["ref_boxes"])
+    a = small.encode_identity(
+        inputs["refs"][:2], inputs["ref_boxes"][:2], embeddings=np.ones((2, 4)), damaged_embeddings=np.full((2, 4), 3.0)
+    )
+    b = small.encode_identity(
+        inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)), damaged_embeddings=np.zeros((1, 4))
+    )
+    both = small.encode_identity(inputs["refs"], inputs["ref_boxes"])
     merged = a.extend(b)
     assert merged.n_refs == 3 and merged.n_embedded == 3
     np.testing.assert_allclose(merged.embedding, np.full(4, 2 / 3))
     np.testing.assert_allclose(merged.damaged_embedding, np.full(4, 2.0))
     # an older file without damaged embeddings: the merged mean would not cover every reference
-    old = small.build_identity(inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)))
+    old = small.encode_identity(inputs["refs"][2:], inputs["ref_boxes"][2:], embeddings=np.zeros((1, 4)))
     assert a.extend(old).damaged_embedding is None
     for k, v in both.tensors.items():
         assert torch.equal(merged.tensors[k][:2], a.tensors[k])
@@ -59,18 +64,18 @@ def test_extending_keeps_the_old_atoms_and_equals_building_all_at_once(small, in
 
 
 def test_a_dictionary_from_another_checkpoint_is_refused(small, inputs):
-    foreign = small_net(seed=1).build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1], name="other")
+    foreign = small_net(seed=1).encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1], name="other")
     assert foreign.model_fingerprint != small.fingerprint()
     with pytest.raises(IdentityError, match="built by model .* not by the loaded model"):
         small.restore(inputs["lq"][:1], inputs["lq_boxes"][:1], identity=foreign)
 
 
 def test_restoring_many_batches_reuses_the_dictionary(small, inputs):
-    ident = small.build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
-    first = ident.tensors_on(torch.device("cpu"))
+    ident = small.encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
+    first = atoms_on(ident, torch.device("cpu"))
     small.restore(inputs["lq"][:1], inputs["lq_boxes"][:1], identity=ident)
     small.restore(inputs["lq"][1:], inputs["lq_boxes"][1:], identity=ident)
-    assert ident.tensors_on(torch.device("cpu")) is first
+    assert atoms_on(ident, torch.device("cpu")) is first
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,7 @@ def test_restoring_many_batches_reuses_the_dictionary(small, inputs):
     ],
 )
 def test_a_corrupted_file_gives_a_clear_error(small, inputs, tmp_path, damage, message):
-    path = small.build_identity(inputs["refs"][:1], inputs["ref_boxes"][:1]).save(tmp_path / "d.safetensors")
+    path = small.encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1]).save(tmp_path / "d.safetensors")
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(IdentityError, match=message) as err:
         IdentityDictionary.load(path)

@@ -1,4 +1,5 @@
 """The core network: official layout, parity with the authors' code, batching, precision."""
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ def test_boxes_are_exactly_the_authors_on_every_landmark_file():
 @pytest.fixture(scope="module")
 def parity(official_net):
     inputs = load_parity_inputs()
-    identity = official_net.build_identity(inputs["refs"], inputs["ref_boxes"])
+    identity = official_net.encode_identity(inputs["refs"], inputs["ref_boxes"])
     generic = official_net.restore(inputs["lq"], inputs["lq_boxes"])
     specific = official_net.restore(inputs["lq"], inputs["lq_boxes"], identity=identity)
     return inputs, identity, generic, specific
@@ -114,18 +115,16 @@ def test_cuda_fp16_matches_fp32_without_host_sync(official_net):
     net = official_net.cuda()
     try:
         fp32 = net.restore(inputs["lq"], inputs["lq_boxes"])
-        net.compute_dtype = torch.float16
-        net.restore(inputs["lq"], inputs["lq_boxes"])  # warm up (weight folding)
+        net.restore(inputs["lq"], inputs["lq_boxes"], dtype=torch.float16)  # warm up (weight folding)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            with net._inference() as device:
+            with net._inference(torch.float16) as device:
                 net(inputs["lq"].to(device), inputs["lq_boxes"].to(device))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        fp16 = net.restore(inputs["lq"], inputs["lq_boxes"])
+        fp16 = net.restore(inputs["lq"], inputs["lq_boxes"], dtype=torch.float16)
         assert (fp16 - fp32).abs().mean() < 2e-3
     finally:
-        net.compute_dtype = None
         net.cpu()
 
 
@@ -160,5 +159,10 @@ def test_training_forward_with_references_runs_under_bf16_autocast():
     assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
     unused = {name for name, g in grads.items() if g is None}
     assert all(name.startswith("E_hq.") and "_Q." in name for name in unused)  # the authors' unused heads
-    for name in ("E_hq.conv1.0.weight_orig", "LE_256_KV.Key.0.weight_orig", "le_256_mem_key", "LE_256_Mask.conv1.0.weight_orig"):
+    for name in (
+        "E_hq.conv1.0.weight_orig",
+        "LE_256_KV.Key.0.weight_orig",
+        "le_256_mem_key",
+        "LE_256_Mask.conv1.0.weight_orig",
+    ):
         assert grads[name].abs().sum() > 0, name  # reference encoder, dictionaries and mask all train

@@ -1,4 +1,5 @@
 """Restorer.run, the one call under every surface: its modes, and that it changes nothing it is given."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,14 +25,15 @@ def setup():
     right = cv2.imread(str(DATA / "lq" / "00022_14.jpg"))
     picture = Picture(cv2.cvtColor(np.hstack([left, right]), cv2.COLOR_BGR2RGB))
     restorer = Restorer(small_net(), FaceHelper(DlibBackend("hog")))
-    identity, rejected = restorer.build_identity([DATA / "celebref" / "00005" / f"{i}.jpg" for i in (0, 1, 2)],
-                                                 name="p5")
+    identity, rejected = restorer.build_identity(
+        [DATA / "celebref" / "00005" / f"{i}.jpg" for i in (0, 1, 2)], name="p5"
+    )
     assert not rejected and identity.n_refs == 3
     return restorer, picture, identity
 
 
 def _left_right(result):
-    return sorted(result.faces, key=lambda f: f.aligned.face.box[0])
+    return sorted(result.faces, key=lambda f: f.face.box[0])
 
 
 def test_modes_decide_each_face(setup):
@@ -50,11 +52,14 @@ def test_modes_decide_each_face(setup):
     left, right = _left_right(runs[Mode.ONLY_MATCHED])
     assert left.restored is not None and right.restored is None
     record = right.record()
-    assert record["left_as_is"].startswith("no identity matched: too far: the nearest is at") and "left_as_is" not in left.record()
+    assert (
+        record["left_as_is"].startswith("no identity matched: too far: the nearest is at")
+        and "left_as_is" not in left.record()
+    )
     assert record["match_decision"].startswith("too far") and record["match_distance"] > restorer.threshold
-    x1, y1, x2, y2 = right.aligned.face.box.astype(int)
+    x1, y1, x2, y2 = right.face.box.astype(int)
     out = runs[Mode.ONLY_MATCHED].pixels
-    np.testing.assert_array_equal(out[y1:y2, x1 + 40:x2], before[y1:y2, x1 + 40:x2])  # untouched, to the bit
+    np.testing.assert_array_equal(out[y1:y2, x1 + 40 : x2], before[y1:y2, x1 + 40 : x2])  # untouched, to the bit
     np.testing.assert_array_equal(out[:, :400], runs[Mode.AUTO].pixels[:, :400])  # the matched face as in auto
     assert np.abs(runs[Mode.AUTO].pixels[y1:y2, x1:x2].astype(int) - before[y1:y2, x1:x2]).mean() > 1
 
@@ -80,7 +85,7 @@ def test_bad_requests_are_refused_clearly(setup):
         restorer.run([picture], "sideways")
     with pytest.raises(ValueError, match="1 detections for 2 pictures"):
         restorer.run([picture, picture], detections=restorer.helper.find([picture]))
-    foreign = small_net(seed=5).build_identity(torch.zeros(1, 3, 512, 512), TEMPLATE_BOXES[None])  # another model's
+    foreign = small_net(seed=5).encode_identity(torch.zeros(1, 3, 512, 512), TEMPLATE_BOXES[None])  # another model's
     with pytest.raises(ValueError, match="rebuild it from its references"):
         restorer.run([picture], identities=[foreign])
 
@@ -89,14 +94,17 @@ def test_restored_faces_keep_the_photos_broad_colours_unless_told_not_to(setup):
     helper, picture = setup[0].helper, setup[1]
     restorer = Restorer(load_model(BUNDLED, device="cpu"), helper)  # real weights: a random net's output clips
     detections = helper.find([picture])
-    kept, own = (restorer.run([picture], Mode.GENERIC, detections=detections, colours=c)[0] for c in (True, False))
+    kept, own = (restorer.run([picture], Mode.GENERIC, detections=detections, keep_colours=c)[0] for c in (True, False))
 
     def low(x: np.ndarray) -> np.ndarray:
         return cv2.GaussianBlur(x, (0, 0), 16)
 
     for k, m in zip(kept.faces, own.faces):
         drift_kept, drift_own = (float(np.abs(low(f.restored) - low(f.crop)).mean()) for f in (k, m))
-        assert drift_kept < 0.005 and drift_kept < drift_own / 3, (drift_kept, drift_own)  # the photo's, not the model's
+        assert drift_kept < 0.005 and drift_kept < drift_own / 3, (
+            drift_kept,
+            drift_own,
+        )  # the photo's, not the model's
         detail = np.abs((k.restored - low(k.restored)) - (m.restored - low(m.restored))).mean()
         assert detail < 0.01, detail  # the fine detail is the model's either way
     assert np.abs(kept.pixels.astype(int) - own.pixels.astype(int)).mean() > 1  # and the pasted photo shows it

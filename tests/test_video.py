@@ -1,4 +1,5 @@
 """Video: tracks, steady restoration and the CLI on real MP4 files made from the example photos."""
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,12 @@ def streams(path) -> dict:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video)]
         c.seek(0)
         audio = sum(1 for p in c.demux(c.streams.audio[0]) if p.dts is not None) if c.streams.audio else 0
-        return {"frames": frames, "rate": video.average_rate, "size": (video.codec_context.width,
-                                                                      video.codec_context.height),
-                "audio_packets": audio}
+        return {
+            "frames": frames,
+            "rate": video.average_rate,
+            "size": (video.codec_context.width, video.codec_context.height),
+            "audio_packets": audio,
+        }
 
 
 def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama):
@@ -52,8 +56,20 @@ def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama):
     write_clip(frames, clip)
     obama.save(tmp_path / "obama.safetensors")
     before = clip.read_bytes()
-    code = main(["restore", str(clip), "-o", str(tmp_path / "out"), "--identity", str(tmp_path / "obama.safetensors"),
-                 "--weights", str(BUNDLED), "--report", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "restore",
+            str(clip),
+            "-o",
+            str(tmp_path / "out"),
+            "--identity",
+            str(tmp_path / "obama.safetensors"),
+            "--weights",
+            str(BUNDLED),
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 0 and clip.read_bytes() == before
     src, out = streams(clip), streams(tmp_path / "out" / "clip.mp4")
     assert len(out["frames"]) == 8 and out["rate"] == src["rate"] == 25 and out["size"] == src["size"] == (386, 232)
@@ -75,8 +91,21 @@ def test_phone_videos_are_restored_upright_and_keep_their_rotation(tmp_path):
     """Phones store frames sideways with a display rotation; a sideways face is not found."""
     frames, _ = make_clip(read_image(STILL).rgb8(), 3, damage=lambda f: f)
     write_clip(frames, tmp_path / "phone.mp4", rotation=90)
-    assert main(["restore", str(tmp_path / "phone.mp4"), "-o", str(tmp_path / "out"), "--weights", str(BUNDLED),
-                 "--report", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "restore",
+                str(tmp_path / "phone.mp4"),
+                "-o",
+                str(tmp_path / "out"),
+                "--weights",
+                str(BUNDLED),
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     entry = json.loads((tmp_path / "r.json").read_text())["files"][0]
     assert entry["rotation"] == 90 and entry["size"] == [232, 386] and entry["faces_restored"] == 3
     with av.open(str(tmp_path / "out" / "phone.mp4")) as out:
@@ -93,8 +122,18 @@ def test_broken_videos_get_one_line_errors_and_the_batch_goes_on(tmp_path, capsy
     (tmp_path / "in" / "truncated.mp4").write_bytes(data[: len(data) // 3])
     (tmp_path / "in" / "empty.mov").write_bytes(b"")
     cv2.imwrite(str(tmp_path / "in" / "photo.png"), cv2.imread(str(STILL)))
-    code = main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(BUNDLED),
-                 "--report", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "restore",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "--weights",
+            str(BUNDLED),
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and all(".mp4" in e or ".mov" in e for e in errors), errors
@@ -108,15 +147,18 @@ def test_broken_videos_get_one_line_errors_and_the_batch_goes_on(tmp_path, capsy
 def test_tracked_restoration_flickers_less_and_keeps_one_identity(restorer):
     """A real face, moved by a small jitter and degraded the same way in every frame (the benchmark's
     clip, shorter and smaller)."""
-    still = cv2.resize(read_image(DATA / "celebref" / "00005" / "3.jpg").rgb8(), (320, 320), interpolation=cv2.INTER_AREA)
+    still = cv2.resize(
+        read_image(DATA / "celebref" / "00005" / "3.jpg").rgb8(), (320, 320), interpolation=cv2.INTER_AREA
+    )
     person = restorer.build_identity([DATA / "celebref" / "00005" / f"{i}.jpg" for i in (0, 1, 2)], "00005", True)[0]
     frames, motions = make_clip(still, 8, damage=degrade)
     pictures = [Picture(f) for f in frames]
     region = FaceHelper.masks(restorer.helper.detect(Picture(still).rgb()).faces, [still.shape[:2]])[0] > 0.99
     per_frame = restorer.run(pictures, identities=[person])
     clip = track_frames((p.rgb() for p in pictures), restorer.helper)
-    tracked = restorer.run(pictures, identities=[person], detections=clip.detections(restorer.helper, pictures),
-                           smoother=CropSmoother())
+    tracked = restorer.run(
+        pictures, identities=[person], detections=clip.detections(restorer.helper, pictures), smoother=CropSmoother()
+    )
     steady, unsteady = (flicker([r.pixels for r in rs], motions, region) for rs in (tracked, per_frame))
     print(f"flicker per-frame {unsteady:.2f}, tracked {steady:.2f}")
     assert steady < unsteady / 2, (steady, unsteady)
@@ -135,7 +177,7 @@ def test_tracks_start_and_end_with_the_faces(restorer):
         for face, hidden in ((faces[0], i < 3), (faces[2], i >= 6)):
             if hidden:
                 x1, y1, x2, y2 = face.face.box.astype(int)
-                frame[y1 - 20:y2 + 20, x1 - 20:x2 + 20] = 128
+                frame[y1 - 20 : y2 + 20, x1 - 20 : x2 + 20] = 128
         frames.append(frame)
     clip = track_frames((Picture(f).rgb() for f in frames), restorer.helper)
     spans = sorted((t.first, t.last) for t in clip.tracks)

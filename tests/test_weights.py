@@ -1,4 +1,5 @@
 """Checkpoint files: every supported format loads strictly, bad files fail clearly, nothing unpickles."""
+
 from __future__ import annotations
 
 import pickle
@@ -30,7 +31,7 @@ def test_plain_and_basicsr_pth_and_safetensors_load_to_the_same_model(small, ref
     torch.save({"params": state}, tmp_path / "params_only.pth")
     convert(tmp_path / "plain.pth", tmp_path / "ours.safetensors")
     for name in ("plain.pth", "basicsr.pth", "params_only.pth", "ours.safetensors"):
-        model = load_model(tmp_path / name, device="cpu")
+        model = load_model(tmp_path / name, device="cpu").net
         assert model.config == {"ngf": 16, "banks_num": 8}, name
         assert model.fingerprint() == small.fingerprint(), name
         _check_same_output(model, reference_output)
@@ -44,7 +45,7 @@ def test_half_precision_safetensors_keep_their_config(small, reference_output, t
     state, config = read_state_dict(convert_path)
     assert config == {"ngf": 16, "banks_num": 8}
     assert all(v.dtype == torch.float16 for v in state.values())
-    _check_same_output(load_model(convert_path, device="cpu"), reference_output, atol=2e-2)
+    _check_same_output(load_model(convert_path, device="cpu").net, reference_output, atol=2e-2)
 
 
 def test_mismatched_checkpoints_name_what_is_missing_and_unexpected(small, tmp_path):
@@ -52,7 +53,9 @@ def test_mismatched_checkpoints_name_what_is_missing_and_unexpected(small, tmp_p
     del state["up4.4.bias"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(WeightsError, match=r"bad.pth: does not match .*missing 1 \(up4.4.bias\).*unexpected 1 \(extra.weight\)"):
+    with pytest.raises(
+        WeightsError, match=r"bad.pth: does not match .*missing 1 \(up4.4.bias\).*unexpected 1 \(extra.weight\)"
+    ):
         load_model(tmp_path / "bad.pth", device="cpu")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="other.pth: not a DMDNet state dict"):
@@ -123,7 +126,7 @@ def test_the_bundled_checksum_is_the_shipped_file():
 
     assert weights.sha256_of(weights.BUNDLED) == weights.BUNDLED_SHA256
     model = load_model(weights.BUNDLED, device="cpu")
-    assert model.weights_source.path == weights.BUNDLED and model.weights_source.origin == "--weights"
+    assert model.source.path == weights.BUNDLED and model.source.origin == "--weights"
     assert weights.BUNDLED.stat().st_size <= 25 * 1024 * 1024
 
 
@@ -159,4 +162,4 @@ def test_weights_download_checks_the_file_before_keeping_it(small, tmp_path, htt
     assert "404" in capsys.readouterr().err and not list(cache.glob("*"))
     assert main(["weights", "download", "--url", f"{url}/DMDNet.pth", "--to", str(cache)]) == 0
     assert (cache / "DMDNet.pth").read_bytes() == (root / "DMDNet.pth").read_bytes()
-    assert load_model(cache / "DMDNet.pth", device="cpu").fingerprint() == small.fingerprint()
+    assert load_model(cache / "DMDNet.pth", device="cpu").net.fingerprint() == small.fingerprint()

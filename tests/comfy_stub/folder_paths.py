@@ -1,4 +1,5 @@
 """Stand-in for ComfyUI's folder_paths (only what custom nodes use): models under $COMFY_STUB_MODELS."""
+
 import os
 
 models_dir = os.environ.get("COMFY_STUB_MODELS", os.path.join(os.getcwd(), "models"))

@@ -1,4 +1,5 @@
 """Stand-in for comfy.model_management: a CPU device, and records of what nodes asked for."""
+
 import torch
 
 calls: list[tuple] = []

@@ -1,4 +1,5 @@
 """Stand-in for comfy.utils.ProgressBar, recording every update."""
+
 updates: list[tuple[int, int]] = []
 
 

@@ -4,6 +4,7 @@ Checked against the real one (Comfy-Org/ComfyUI 0.3.64, comfy_api/latest/_io.py)
 arguments and behaviour the pack relies on: ``execute`` is a classmethod called with the inputs as
 keyword arguments (absent optional inputs are not passed), and it returns ``io.NodeOutput``.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

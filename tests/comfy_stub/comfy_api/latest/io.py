@@ -1,4 +1,5 @@
 """Stand-in for comfy_api.latest.io: schema records, input/output types and NodeOutput."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,16 +15,24 @@ class Input:
 
 
 class Output:
-    def __init__(self, id: str | None = None, display_name: str | None = None, tooltip: str | None = None,
-                 is_output_list: bool = False) -> None:
+    def __init__(
+        self,
+        id: str | None = None,
+        display_name: str | None = None,
+        tooltip: str | None = None,
+        is_output_list: bool = False,
+    ) -> None:
         self.id, self.display_name, self.tooltip = id, display_name, tooltip
         self.io_type = type(self).io_type
 
 
 def _comfy_type(io_type: str, widget: bool) -> type:
     attrs = {"io_type": io_type, "is_widget": widget}
-    return type(io_type, (), {"io_type": io_type, "Input": type("Input", (Input,), attrs),
-                              "Output": type("Output", (Output,), attrs)})
+    return type(
+        io_type,
+        (),
+        {"io_type": io_type, "Input": type("Input", (Input,), attrs), "Output": type("Output", (Output,), attrs)},
+    )
 
 
 Image = _comfy_type("IMAGE", False)
