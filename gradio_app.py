@@ -1,9 +1,13 @@
 """Gradio demo: upload a photo (or a short video) and a few good pictures of the same person.
 
     python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda] [--share]
+                         [--mcp] [--identities DIR]
 
 Glue around dmdnet_plugin's Restorer (the CLI's pipeline, built by the same factory). The
 model loads once and is shared by all requests; the queue runs one restoration at a time.
+With ``--mcp`` (or ``GRADIO_MCP_SERVER=True``) the app is also a Model Context Protocol server
+whose tools (``restore_photo``, ``build_identity``, ``list_identities``) an agent can call; the
+identities they save live in ``--identities DIR``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -19,12 +23,12 @@ import gradio as gr
 import numpy as np
 
 from dmdnet_plugin.factory import load_restorer
-from dmdnet_plugin.identity import IdentityDictionary, IdentityError
+from dmdnet_plugin.identity import IdentityDictionary, IdentityError, identity_file
 from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from dmdnet_plugin.pipeline import Mode, Restorer
 from dmdnet_plugin.video import restore_video
-from dmdnet_plugin.weights import LoadedModel, WeightsError, load_model
+from dmdnet_plugin.weights import LoadedModel, WeightsError, cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD = "25mb"
@@ -83,6 +87,7 @@ class Demo:
     weights: str | None = None
     device: str | None = None
     max_video_frames: int = MAX_VIDEO_FRAMES
+    identities_dir: Path = field(default_factory=lambda: cache_dir() / "identities")  # the agents' tools
 
     @functools.cached_property
     def model(self) -> LoadedModel:
@@ -177,6 +182,91 @@ class Demo:
         lines += notes + [self.model.notice()]
         return str(out_file), "\n\n".join(lines)
 
+    # ------------------------------------------------------------ MCP tools (what an agent reads)
+    def restore_photo(self, photo: str, identity: str | None = None, mode: str = "auto", strength: float = 1.0) -> str:
+        """Restore every face in a photo with DMDNet (blind face restoration) and return the restored photo.
+
+        The photo keeps its size and format; only the faces change. With a saved identity, faces of that
+        person are restored with their own features (eyes, mouth) instead of generic ones.
+
+        Args:
+            photo: the photo to restore, as an http(s) URL or a data: URL of a JPEG, PNG or WebP image.
+            identity: a saved identity's name (list_identities, build_identity); empty: generic restoration.
+            mode: "auto" (matching faces get the identity), "generic", "identity" (all faces), "only-matched" (the rest stay as they were).
+            strength: how much of the restored face is blended over the original, from 0.0 (none) to 1.0 (all).
+        Returns:
+            the restored photo
+        """  # noqa: E501 (gradio reads one line per argument)
+        try:
+            identities = [IdentityDictionary.load(identity_file(self.identities_dir, identity))] if identity else []
+            restorer = load_restorer(self.model)
+            picture = read_image(photo)
+            result = restorer.run([picture], mode, identities, float(strength))[0]
+        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
+            raise gr.Error(_readable(str(exc), [photo])) from None
+        if not result.faces:
+            raise gr.Error(f"{Path(photo).name}: no face found in this photo")
+        out = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
+        write_image(out, result.pixels, result.alpha)
+        return str(out)
+
+    def build_identity(
+        self,
+        name: str,
+        photo: str,
+        photo_2: str | None = None,
+        photo_3: str | None = None,
+        photo_4: str | None = None,
+    ) -> str:
+        """Build and save a person's identity dictionary from one to four good photos of that one person.
+
+        The largest face of each photo is used; one photo is enough, more give more of the person's details.
+        restore_photo then takes the name as its identity.
+
+        Args:
+            name: the name to save it under: letters, digits, space, '_', '-' and '.' (e.g. "grandma").
+            photo: a good, sharp photo of the person, as an http(s) URL or a data: URL of an image.
+            photo_2: optionally, another photo of the same person.
+            photo_3: optionally, another photo of the same person.
+            photo_4: optionally, another photo of the same person.
+        Returns:
+            what was saved, and which photos were rejected
+        """
+        photos = [p for p in (photo, photo_2, photo_3, photo_4) if p]
+        try:
+            target = identity_file(self.identities_dir, name)
+            ident, rejected = load_restorer(self.model).build_identity(photos, name=target.stem)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ident.save(target)
+        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
+            raise gr.Error(_readable(str(exc), photos)) from None
+        notes = "".join(f"; rejected {_readable(r, photos)}" for r in rejected)
+        return f"saved identity {target.stem!r} from {ident.n_refs} photo(s){notes}"
+
+    def list_identities(self) -> str:
+        """List the saved identity dictionaries that restore_photo can use.
+
+        Returns:
+            the names, one per line (none yet: an empty text)
+        """
+        return "\n".join(sorted(p.stem for p in self.identities_dir.glob("*.safetensors")))
+
+
+def mcp_tools(demo: Demo) -> None:
+    """The agents' endpoints, with components of their own (not shown on the page): gradio turns each
+    into an MCP tool from the method's name, type hints and docstring."""
+    with gr.Row(visible=False):
+        photos = [gr.File(type="filepath") for _ in range(4)]
+        identity, name = gr.Textbox(value=""), gr.Textbox()
+        mode, strength = gr.Dropdown(MODES, value="auto"), gr.Number(1.0, minimum=0, maximum=1)
+        restored, text = gr.File(), gr.Textbox()
+        for fn, inputs, output in (
+            (demo.restore_photo, [photos[0], identity, mode, strength], restored),
+            (demo.build_identity, [name, *photos], text),
+            (demo.list_identities, [], text),
+        ):
+            gr.Button().click(fn, inputs, output, api_name=fn.__name__)
+
 
 def video_tab(demo: Demo, example: Path, refs: list[str]) -> None:
     """Short clips: faces tracked through the frames, one identity per person."""
@@ -194,7 +284,13 @@ def video_tab(demo: Demo, example: Path, refs: list[str]) -> None:
         with gr.Column():
             result = gr.Video(label="Restored", interactive=False)
             status = gr.Markdown()
-    run.click(demo.restore_clip, [video, references, identity, temporal], [result, status], api_name="restore_video")
+    run.click(
+        demo.restore_clip,
+        [video, references, identity, temporal],
+        [result, status],
+        api_name="restore_video",
+        api_visibility="undocumented",  # callable by gradio_client; agents get the MCP tools instead
+    )
     gr.Examples([[str(example), refs, None, True]], [video, references, identity, temporal])
 
 
@@ -265,6 +361,7 @@ def build_ui(demo: Demo) -> gr.Blocks:
                 [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours],
                 [slider, generic, with_identity, gallery, result_file, identity_file, status],
                 api_name="restore",
+                api_visibility="undocumented",  # callable by gradio_client; agents get the MCP tools instead
             )
             gr.Examples(
                 [
@@ -275,6 +372,7 @@ def build_ui(demo: Demo) -> gr.Blocks:
             )
         with gr.Tab("Video"):
             video_tab(demo, examples / "video" / "obama_jitter.mp4", refs)
+        mcp_tools(demo)
     return blocks
 
 
@@ -285,8 +383,19 @@ def main() -> None:
     parser.add_argument("--weights", help="checkpoint; default: the discovery order of docs/weights.md")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    parser.add_argument(
+        "--mcp", action="store_true", help="also serve MCP tools at /gradio_api/mcp/ (needs the mcp extra)"
+    )
+    parser.add_argument(
+        "--identities", help=f"folder of the identities the MCP tools save (default {cache_dir()}/identities)"
+    )
     args = parser.parse_args()
-    blocks = build_ui(Demo(args.weights, args.device))
+    demo = (
+        Demo(args.weights, args.device)
+        if not args.identities
+        else Demo(args.weights, args.device, identities_dir=Path(args.identities))
+    )
+    blocks = build_ui(demo)
     blocks.queue(default_concurrency_limit=1, max_size=16)
     blocks.launch(
         server_name=args.host,
@@ -295,6 +404,7 @@ def main() -> None:
         max_file_size=MAX_UPLOAD,
         show_error=True,
         allowed_paths=[str(ROOT / "examples")],
+        mcp_server=True if args.mcp else None,  # None: gradio reads GRADIO_MCP_SERVER
     )
 
 

@@ -38,13 +38,16 @@ KINDS = ("generic", "references", "broken")
 
 
 @contextlib.contextmanager
-def serve(weights: str | None = None, log_path: Path | None = None, timeout: float = 120) -> Iterator[tuple[str, int]]:
-    """Run ``gradio_app.py`` on a free port of 127.0.0.1; yield (url, pid); stop it afterwards."""
+def serve(
+    weights: str | None = None, log_path: Path | None = None, timeout: float = 120, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[str, int]]:
+    """Run ``gradio_app.py`` (with ``extra`` arguments) on a free port of 127.0.0.1; yield (url, pid);
+    stop it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(log_path or os.devnull, "w")
-    cmd = [sys.executable, str(ROOT / "gradio_app.py"), "--port", str(port), "--device", "cpu"]
+    cmd = [sys.executable, str(ROOT / "gradio_app.py"), "--port", str(port), "--device", "cpu", *extra]
     proc = subprocess.Popen(
         cmd + (["--weights", str(weights)] if weights else []),
         stdout=log,

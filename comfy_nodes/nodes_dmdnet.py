@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,25 @@ from dmdnet_plugin.components import CROP_SIZE
 from dmdnet_plugin.face_helper import MIN_FACE, AlignedFace, Detection, FaceHelper
 from dmdnet_plugin.faces import DETECTORS, shared_backend
 from dmdnet_plugin.factory import load_restorer
-from dmdnet_plugin.identity import IdentityDictionary
+from dmdnet_plugin.identity import IdentityDictionary, identity_file
 from dmdnet_plugin.io import Picture
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from dmdnet_plugin.pipeline import ClipStatus, Mode
 from dmdnet_plugin.runtime import PRECISIONS, pick_precision
-from dmdnet_plugin.weights import BUNDLED, LoadedModel, load_model
+from dmdnet_plugin.weights import (
+    BUNDLED,
+    OFFICIAL_NAME,
+    URL_ENV,
+    LoadedModel,
+    WeightsError,
+    download_official,
+    load_model,
+    official_url,
+)
 
 MODEL_FOLDERS = ("dmdnet", "facerestore_models")
 IDENTITY_FOLDER = "dmdnet_identities"
+DOWNLOAD_ENTRY = f"{OFFICIAL_NAME} (download)"  # fetches the authors' file into models/dmdnet when it is not there
 CATEGORY = "DMDNet"
 MODE_HELP = (
     "auto: faces matching an identity use it, the rest generic; generic: ignore identities; "
@@ -49,7 +58,6 @@ EXAMPLE_INPUTS = {  # name in ComfyUI's input folder -> bundled example; the tem
     **{f"dmdnet_obama_ref{i}.jpg": f"refs/obama/o{i}.jpg" for i in (1, 2, 3)},
     "dmdnet_obama_clip.mp4": "video/obama_jitter.mp4",
 }
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 log = logging.getLogger("dmdnet")
 ModelType = io.Custom("DMDNET_MODEL")  # a ModelHandle
 FacesType = io.Custom("DMDNET_FACES")  # a FacesWire
@@ -160,12 +168,37 @@ def _progress():
     return update
 
 
+def _download_official() -> str:
+    """The authors' DMDNet.pth into models/dmdnet, once, with ComfyUI's progress bar and the CLI's
+    integrity check (a strict load: a partial, HTML or foreign file never lands)."""
+    target = Path(folder_paths.get_folder_paths(MODEL_FOLDERS[0])[0]) / OFFICIAL_NAME
+    url, bar = official_url(), None
+
+    def progress(done: int, total: int | None) -> None:
+        nonlocal bar
+        bar = bar or comfy.utils.ProgressBar(total or 0)
+        bar.update_absolute(done, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    log.info("DMDNet Model Loader: downloading %s from %s", OFFICIAL_NAME, url)
+    try:
+        return str(download_official(url, target, progress=progress))
+    except WeightsError as exc:
+        raise RuntimeError(
+            f"DMDNet Model Loader: downloading {OFFICIAL_NAME} failed: {exc}. Download it yourself from {url} "
+            f"and put it in {target.parent}, or set {URL_ENV} to a mirror"
+        ) from None
+
+
 class DMDNetModelLoader(io.ComfyNode):
-    """Loads a checkpoint from models/dmdnet (the bundled demo is listed there too) once per graph."""
+    """Loads a checkpoint from models/dmdnet (the bundled demo is listed there too) once per graph;
+    the authors' DMDNet.pth is also listed as a download, fetched the first time it is chosen."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)})
+        # The download entry stays listed once the file is there (then it loads it), so that a graph
+        # saved with it still validates.
+        names = sorted({n for f in MODEL_FOLDERS for n in folder_paths.get_filename_list(f)}) + [DOWNLOAD_ENTRY]
         return io.Schema(
             node_id="DMDNetModelLoader",
             display_name="DMDNet Model Loader",
@@ -176,7 +209,8 @@ class DMDNetModelLoader(io.ComfyNode):
                     "model_name",
                     options=names,
                     tooltip="checkpoint in models/dmdnet or models/facerestore_models (the bundled "
-                    "dmdnet_demo.safetensors is a small demo model)",
+                    f"dmdnet_demo.safetensors is a small demo model); '{DOWNLOAD_ENTRY}' fetches the authors' "
+                    "weights into models/dmdnet the first time, then loads them",
                 ),
                 io.Combo.Input(
                     "device", options=["auto", "cpu", "cuda"], default="auto", tooltip="auto: ComfyUI's device"
@@ -194,14 +228,17 @@ class DMDNetModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, device: str, precision: str) -> io.NodeOutput:
-        path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, model_name))), None)
+        name = OFFICIAL_NAME if model_name == DOWNLOAD_ENTRY else model_name
+        path = next((p for f in MODEL_FOLDERS if (p := folder_paths.get_full_path(f, name))), None)
+        if path is None and model_name == DOWNLOAD_ENTRY:
+            path = _download_official()
         if path is None:
             raise FileNotFoundError(f"DMDNet checkpoint {model_name} not found in models/dmdnet")
         loaded = load_model(
             path, device=mm.unet_offload_device(), precision=pick_precision(precision, run_device(device))
         )
         log.info("DMDNet Model Loader: %s", loaded.notice())
-        return io.NodeOutput(ModelHandle(loaded, model_name, device))
+        return io.NodeOutput(ModelHandle(loaded, name, device))
 
 
 class DMDNetDetectFaces(io.ComfyNode):
@@ -286,14 +323,7 @@ class DMDNetBuildIdentity(io.ComfyNode):
 
 def identity_path(name: str) -> str:
     """The file for ``name`` in models/dmdnet_identities; a name can never leave that folder."""
-    stem = name.removesuffix(".safetensors")
-    if not _NAME_OK.match(stem) or ".." in stem:
-        raise ValueError(f"invalid identity name {name!r}: use letters, digits, space, '_', '-' and '.'")
-    folder = os.path.realpath(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0])
-    path = os.path.realpath(os.path.join(folder, stem + ".safetensors"))
-    if os.path.dirname(path) != folder:
-        raise ValueError(f"invalid identity name {name!r}")
-    return path
+    return str(identity_file(folder_paths.get_folder_paths(IDENTITY_FOLDER)[0], name))
 
 
 class DMDNetSaveIdentity(io.ComfyNode):
@@ -494,11 +524,18 @@ NODES: list[type[io.ComfyNode]] = [
 class DMDNetExtension(ComfyExtension):
     """The pack as ComfyUI's V3 loader sees it: one-time set-up in ``on_load``, then the nodes."""
 
+    ready = False
+
     async def on_load(self) -> None:
-        register_folders()
-        install_example_inputs()
+        """Model folders and example inputs, once. Newer ComfyUI calls this before ``get_node_list``;
+        0.3.64 (our oldest) defines it but never calls it, so ``get_node_list`` makes sure."""
+        if not self.ready:
+            register_folders()
+            install_example_inputs()
+            self.ready = True
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        await self.on_load()
         return NODES
 
 

@@ -25,7 +25,7 @@ from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import ClipStatus, Mode, Restorer, checked_mode, save_faces
 from .runtime import PRECISIONS
 from .video import VIDEO_EXTENSIONS, VideoError, is_video, restore_video
-from .weights import OFFICIAL_URL, WeightsError, cache_dir, convert, download_official, find_weights
+from .weights import OFFICIAL_URL, URL_ENV, WeightsError, cache_dir, convert, download_official, find_weights
 
 
 class CliError(Exception):
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = sub.add_parser("weights", help="find or fetch checkpoints").add_subparsers(dest="action", required=True)
     p = weights.add_parser("download", help="fetch the authors' DMDNet.pth into the cache (the only network use)")
-    p.add_argument("--url", default=OFFICIAL_URL, help="where to fetch it from (default: the authors' release)")
+    p.add_argument("--url", help=f"where to fetch it from (default: ${URL_ENV}, else {OFFICIAL_URL})")
     p.add_argument("--to", help=f"folder to write DMDNet.pth into (default: {cache_dir()})")
     p.set_defaults(func=cmd_weights_download)
     p = weights.add_parser("which", help="print the checkpoint that would be used, and why")

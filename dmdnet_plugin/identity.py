@@ -8,6 +8,8 @@ produced it, so it carries that model's fingerprint and is refused by any other 
 from __future__ import annotations
 
 import json
+import os
+import re
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +27,24 @@ FORMAT = "dmdnet-identity"
 VERSION = 1
 MAX_HEADER = 1 << 20  # a real header is a few kB: 36 tensor entries and two 128-d mean embeddings
 MAX_EMBEDDING = 4096  # the longest face embedding we accept (dlib's is 128-d)
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 
 
 class IdentityError(ValueError):
     """A dictionary file that cannot be used; the message names the file and the problem."""
+
+
+def identity_file(folder: str | Path, name: str) -> Path:
+    """The file of the dictionary called ``name`` in ``folder``: user-given names (ComfyUI's Save
+    node, the MCP tools) can never leave that folder."""
+    stem = name.removesuffix(".safetensors")
+    if not _NAME_OK.match(stem) or ".." in stem:
+        raise IdentityError(f"invalid identity name {name!r}: use letters, digits, space, '_', '-' and '.'")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, stem + ".safetensors"))
+    if os.path.dirname(path) != root:
+        raise IdentityError(f"invalid identity name {name!r}")
+    return Path(path)
 
 
 def dictionary_key(comp: str, scale: int, kind: str) -> str:

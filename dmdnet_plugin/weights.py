@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .tensorfile import TensorFileError, check_tensors, json_field, read_safeten
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
 OFFICIAL_NAME = "DMDNet.pth"
+URL_ENV = "DMDNET_WEIGHTS_URL"  # a mirror of the authors' file, for `dmdnet weights download` and ComfyUI
 CHECKPOINT_FORMAT = "dmdnet-checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_HEADER = 8 << 20  # the authors' configuration has about 1,000 tensors: a header of about 150 kB
@@ -104,22 +106,35 @@ def find_weights(explicit: str | Path | None = None) -> WeightsSource:
     )
 
 
-def download_official(url: str = OFFICIAL_URL, target: Path | None = None) -> Path:
-    """Fetch the authors' checkpoint into the cache with a progress bar, atomically.
+def official_url() -> str:
+    """Where the authors' checkpoint is fetched from: ``$DMDNET_WEIGHTS_URL`` (a mirror), else their release."""
+    return os.environ.get(URL_ENV) or OFFICIAL_URL
 
-    The integrity check is a strict load (every tensor name and shape of the configuration the
-    file claims): a truncated, HTML or foreign file never reaches the cache.
+
+def download_official(
+    url: str | None = None, target: Path | None = None, progress: Callable[[int, int | None], None] | None = None
+) -> Path:
+    """Fetch the authors' checkpoint (from :func:`official_url` by default) into the cache, atomically.
+
+    ``progress(bytes done, bytes in all or None)`` replaces the terminal progress bar (ComfyUI
+    shows its own). The integrity check is a strict load (every tensor name and shape of the
+    configuration the file claims): a truncated, HTML or foreign file never reaches the target.
     """
     from tqdm import tqdm
 
+    url = url or official_url()
     target = target or cache_dir() / OFFICIAL_NAME
     try:
         with urllib.request.urlopen(url, timeout=30) as response, atomic_path(target) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=progress is not None)
+            done = 0
+            with open(tmp, "wb") as out, bar:
                 while chunk := response.read(1 << 20):
-                    out.write(chunk)
+                    done += out.write(chunk)
                     bar.update(len(chunk))
+                    if progress:
+                        progress(done, total)
             try:
                 state, config = read_state_dict(tmp)
                 build_model(state, config, source=f"download from {url}")

@@ -137,7 +137,12 @@ def test_v3_nodes_appear_in_object_info_with_tooltips(server):
         assert len(node.get("output_tooltips", [])) == len(node["output"]) and all(node["output_tooltips"]), name
     listed = info["DMDNetModelLoader"]["input"]["required"]["model_name"][1]["options"]
     # the bundled demo, registered in place, and a folder from extra_model_paths.yaml
-    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors", "from_extra_paths.safetensors"]
+    assert listed == [
+        "dmdnet.safetensors",
+        "dmdnet_demo.safetensors",
+        "from_extra_paths.safetensors",
+        "DMDNet.pth (download)",
+    ]
     log = (base / "server.log").read_text()
     assert not [
         line for line in log.splitlines() if "dmdnet" in line.lower() and ("FAILED" in line or "Cannot import" in line)

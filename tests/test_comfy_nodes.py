@@ -6,12 +6,15 @@ The real server is exercised by tests/test_comfy_integration.py when COMFYUI_PAT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import http.server
 import inspect
 import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import av
@@ -73,7 +76,8 @@ def test_node_contracts(comfy):
         assert [p.name for p in optional] == [i.id for i in schema.inputs if i.optional], name
     assert nodes["DMDNetSaveIdentity"].define_schema().is_output_node
     listed = nodes["DMDNetModelLoader"].define_schema().inputs[0].options["options"]
-    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors"]  # the bundled demo, where it ships
+    # the bundled demo, where it ships, and the authors' file as a download
+    assert listed == ["dmdnet.safetensors", "dmdnet_demo.safetensors", "DMDNet.pth (download)"]
 
 
 def test_templates_match_the_nodes_and_the_files(comfy, tmp_path):
@@ -399,3 +403,71 @@ def test_cli_gradio_and_comfyui_restore_a_clip_alike(comfy, tmp_path):
         print(f"{name}: codec {codec.mean():.2f} (faces {codec[faces].mean():.2f}), restoration {restoration:.2f}")
         assert other.shape == by_comfy.shape and faces.mean() > 0.01
         assert codec.mean() < 2.5 and codec[faces].mean() < restoration / 5  # measured: 1.5, 2.4 against 17.5
+
+
+@contextlib.contextmanager
+def file_server(files: dict[str, bytes]):
+    """A real HTTP server on 127.0.0.1 serving ``files`` by path; yields (url, the paths requested)."""
+    requested: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.send_header("Content-Type", "text/html" if self.path.endswith(".html") else "application/octet-stream")
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_loader_downloads_the_authors_file_once_and_refuses_bad_ones(comfy, tmp_path, monkeypatch):
+    """The authors' layout (a plain state dict in a .pth) from a local server; a truncated file and an
+    HTML page are refused with a node error that says where to put the file, and never land."""
+    pack, models = comfy
+    import comfy.utils
+
+    nodes = node_classes(pack)
+    official = tmp_path / "official.pth"
+    torch.save(small_net().state_dict(), official)  # the authors' DMDNet.pth is a plain state dict
+    good = official.read_bytes()
+    files = {"/DMDNet.pth": good, "/cut.pth": good[: len(good) // 2], "/error.html": b"<html>rate limited</html>"}
+    target = models / "dmdnet" / "DMDNet.pth"
+    with file_server(files) as (url, requested):
+        schema = nodes["DMDNetModelLoader"].define_schema()
+        assert (
+            "DMDNet.pth (download)" in schema.inputs[0].options["options"] and not requested
+        )  # listing fetches nothing
+        for path, problem in (("/cut.pth", "not a readable checkpoint"), ("/error.html", "not a readable checkpoint")):
+            monkeypatch.setenv("DMDNET_WEIGHTS_URL", url + path)
+            with pytest.raises(RuntimeError) as err:
+                call(nodes, "DMDNetModelLoader", "DMDNet.pth (download)", "cpu", "fp32")
+            message = str(err.value)
+            assert message.startswith("DMDNet Model Loader: downloading DMDNet.pth failed: download from ")
+            assert (
+                problem in message and f"put it in {models / 'dmdnet'}" in message and "DMDNET_WEIGHTS_URL" in message
+            )
+            assert not target.exists() and not list((models / "dmdnet").glob("*.tmp*"))  # nothing partial landed
+        monkeypatch.setenv("DMDNET_WEIGHTS_URL", url + "/DMDNet.pth")
+        comfy.utils.updates.clear()
+        model = call(nodes, "DMDNetModelLoader", "DMDNet.pth (download)", "cpu", "fp32")[0]
+        assert target.read_bytes() == good and model.name == "DMDNet.pth"
+        assert comfy.utils.updates[-1] == (len(good), len(good))  # ComfyUI's progress bar, in bytes
+        assert model.model.net.fingerprint() == small_net().fingerprint()
+        again = call(nodes, "DMDNetModelLoader", "DMDNet.pth (download)", "cpu", "fp32")[0]  # the file is there now
+        assert requested == ["/cut.pth", "/error.html", "/DMDNet.pth"] and again.name == "DMDNet.pth"
+        listed = nodes["DMDNetModelLoader"].define_schema().inputs[0].options["options"]
+        assert "DMDNet.pth" in listed and "DMDNet.pth (download)" in listed  # a saved graph still validates
+    target.unlink()
