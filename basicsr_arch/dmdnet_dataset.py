@@ -118,6 +118,27 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    """HxWx3 in [0, 1] -> 3xHxW in [-1, 1], as the network takes it."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) * 2 - 1
+
+
+def load_face(path: Path, *landmark_files: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 RGB face at 512x512 in [0, 1] and its component boxes, from the first landmark file
+    that exists (68 points in the image's pixels), else the template's."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"{path}: cannot read image")
+    h, w = bgr.shape[:2]
+    if (h, w) != (CROP_SIZE, CROP_SIZE):
+        bgr = cv2.resize(bgr, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
+    img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    found = next((f for f in landmark_files if f.is_file()), None)
+    if found is None:
+        return img, TEMPLATE_BOXES.copy()
+    return img, boxes_from_landmarks(read_landmarks(found) * [CROP_SIZE / w, CROP_SIZE / h])
+
+
 def flip(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mirror a face and its boxes; the eye boxes swap so that row 0 stays the left eye."""
     w = img.shape[1]
@@ -204,21 +225,8 @@ class DMDNetFaceDataset(data.Dataset):
         return len(self.samples)
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Float32 RGB face at 512x512 in [0, 1] and its component boxes."""
         path, _, lm_path = self.samples[index]
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise OSError(f"{path}: cannot read image")
-        h, w = bgr.shape[:2]
-        if (h, w) != (CROP_SIZE, CROP_SIZE):
-            bgr = cv2.resize(bgr, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
-        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-        if lm_path.is_file():
-            landmarks = read_landmarks(lm_path) * [CROP_SIZE / w, CROP_SIZE / h]
-            boxes = boxes_from_landmarks(landmarks)
-        else:
-            boxes = TEMPLATE_BOXES.copy()
-        return img, boxes
+        return load_face(path, lm_path)
 
     def _augment(self, img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if chance(self.opt.get("warp_prob", 0.0)):
@@ -275,10 +283,6 @@ class DMDNetFaceDataset(data.Dataset):
             gt = np.repeat(cv2.cvtColor(gt, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
         return np.clip(np.round(lq * 255) / 255, 0, 1).astype(np.float32), gt
 
-    @staticmethod
-    def _tensor(img: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) * 2 - 1
-
     def __getitem__(self, index: int) -> dict:
         if self.opt.get("deterministic"):  # validation: the same degradation and references every time
             random.seed(index)
@@ -287,8 +291,8 @@ class DMDNetFaceDataset(data.Dataset):
         lq, gt = self.degrade(gt)
         path = self.samples[index][0]
         item = {
-            "lq": self._tensor(lq),
-            "gt": self._tensor(gt),
+            "lq": _tensor(lq),
+            "gt": _tensor(gt),
             "boxes": torch.from_numpy(boxes).long(),
             "gt_path": str(path),
         }
@@ -296,7 +300,7 @@ class DMDNetFaceDataset(data.Dataset):
             refs = self._references(index, gt, boxes)
             item["has_refs"] = torch.tensor(bool(refs))
             item["refs"] = (
-                torch.stack([self._tensor(r) for r, _ in refs])
+                torch.stack([_tensor(r) for r, _ in refs])
                 if refs
                 else torch.zeros(self.num_refs, 3, CROP_SIZE, CROP_SIZE)
             )
@@ -306,3 +310,101 @@ class DMDNetFaceDataset(data.Dataset):
                 else torch.from_numpy(np.stack([TEMPLATE_BOXES] * self.num_refs)).long()
             )
         return item
+
+
+PAIRED_RULES = {
+    **{
+        k: OPTION_RULES[k]
+        for k in (
+            "name",
+            "type",
+            "phase",
+            "scale",
+            "num_worker_per_gpu",
+            "batch_size_per_gpu",
+            "prefetch_mode",
+            "pin_memory",
+            "landmarks_root",
+            "num_refs",
+        )
+    },
+    "io_backend": Rule("a mapping such as {type: disk}", lambda v: isinstance(v, dict)),  # BasicSR's; disk only
+    "dataroot_lq": existing_folder(),
+    "dataroot_gt": existing_folder(),
+    "dataroot_refs": existing_folder(),
+}
+
+
+@DATASET_REGISTRY.register()
+class DMDNetPairedDataset(data.Dataset):
+    """A paired test set for ``basicsr_arch/test.py``: aligned low-quality faces, their ground truth
+    and, optionally, references of each person.
+
+    dataroot_lq and dataroot_gt hold the same relative paths (any image extension each);
+    landmarks (68 points, ``NAME.ext.txt``) are read beside the low-quality face, under
+    landmarks_root mirroring dataroot_lq, or beside the ground truth, else the template boxes are
+    used. dataroot_refs (optional) holds a folder per person: ``<refs>/<lq's subfolder>/`` for a
+    face in a subfolder, ``<refs>/<lq's stem>/`` for a face at the top; the first ``num_refs``
+    (default 4) of its images in name order, never one named as the ground truth (a copy of it).
+    """
+
+    def __init__(self, opt: dict) -> None:
+        super().__init__()
+        where = f"datasets.{opt.get('phase', '?')}"
+        check_options(where, opt, PAIRED_RULES)
+        for key in ("dataroot_lq", "dataroot_gt"):
+            if not opt.get(key):
+                raise OptionError(
+                    f"{where}.{key}: missing; a paired test set needs low-quality and ground-truth folders"
+                )
+        self.opt = opt
+        self.lq_root, self.gt_root = Path(opt["dataroot_lq"]).expanduser(), Path(opt["dataroot_gt"]).expanduser()
+        lm_root = Path(opt["landmarks_root"]).expanduser() if opt.get("landmarks_root") else None
+        gts = {p.relative_to(self.gt_root).with_suffix(""): p for p in _images_under(self.gt_root)}
+        self.pairs = []  # (lq, gt, landmark files, references)
+        missing = []
+        for lq in _images_under(self.lq_root):
+            key = lq.relative_to(self.lq_root).with_suffix("")
+            if key not in gts:
+                missing.append(str(key))
+                continue
+            gt = gts[key]
+            marks = (landmark_path(lq, self.lq_root, lm_root), landmark_path(gt, self.gt_root))
+            self.pairs.append((lq, gt, marks, self._references(key, gt)))
+        if missing:
+            raise OptionError(f"{where}: no ground truth in {self.gt_root} for {len(missing)} faces ({missing[:3]})")
+        if not self.pairs:
+            raise OptionError(f"{where}: no images in {self.lq_root}")
+
+    def _references(self, key: Path, gt: Path) -> list[Path]:
+        if not self.opt.get("dataroot_refs"):
+            return []
+        person = Path(self.opt["dataroot_refs"]).expanduser() / (key.parts[0] if len(key.parts) > 1 else key.name)
+        found = _images(person) if person.is_dir() else []
+        return [p for p in found if p.stem != gt.stem][: int(self.opt.get("num_refs", 4))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        lq_path, gt_path, marks, refs = self.pairs[index]
+        lq, boxes = load_face(lq_path, *marks)
+        gt, _ = load_face(gt_path)
+        name = "_".join(lq_path.relative_to(self.lq_root).with_suffix("").parts)  # unique across subfolders
+        item = {
+            "lq": _tensor(lq),
+            "gt": _tensor(gt),
+            "boxes": torch.from_numpy(boxes).long(),
+            "gt_path": str(gt_path),
+            "name": name,
+        }
+        if refs:
+            loaded = [load_face(r, landmark_path(r)) for r in refs]
+            item["has_refs"] = torch.tensor(True)
+            item["refs"] = torch.stack([_tensor(r) for r, _ in loaded])
+            item["ref_boxes"] = torch.from_numpy(np.stack([b for _, b in loaded])).long()
+        return item
+
+
+def _images_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

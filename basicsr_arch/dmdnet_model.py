@@ -187,7 +187,10 @@ class DMDNetModel(BaseModel):
         if path is None:
             return
         strict = self.opt["path"].get(f"strict_load_{label}", True)
-        if str(path).endswith(".safetensors"):  # BasicSR reads only .pth; this lets a run start from the bundled file
+        explicit_key = f"param_key_{label}" in self.opt["path"]
+        # BasicSR reads only its own .pth; ours reads the bundled .safetensors, and for testing any file that
+        # `dmdnet restore --weights` takes (the authors' plain DMDNet.pth; a BasicSR checkpoint's params_ema)
+        if str(path).endswith(".safetensors") or (not self.is_train and not explicit_key):
             state, _ = read_state_dict(path)
             get_root_logger().info(f"Loading {type(self.get_bare_model(net)).__name__} weights from {path}.")
             self.get_bare_model(net).load_state_dict({k: v.float() for k, v in state.items()}, strict=strict)
@@ -373,6 +376,7 @@ class DMDNetModel(BaseModel):
             with torch.no_grad():
                 outputs = net(self.lq, self.boxes, generic=True, refs=self.refs, ref_boxes=self.ref_boxes)
             gt_imgs = tensor2img(list(self.gt), min_max=(-1, 1))
+            branches = [branch for branch, out in outputs._asdict().items() if out is not None]
             for i, gt_img in enumerate(gt_imgs if isinstance(gt_imgs, list) else [gt_imgs]):
                 panels = [tensor2img(self.lq[i], min_max=(-1, 1))]
                 for branch, out in outputs._asdict().items():
@@ -394,11 +398,15 @@ class DMDNetModel(BaseModel):
                     sums[f"{metric}_input"] = sums.get(f"{metric}_input", 0.0) + float(value)
                 count += 1
                 if save_img:
-                    stem = Path(data["gt_path"][i]).stem
-                    path = Path(self.opt["path"]["visualization"]) / name / f"{stem}_{current_iter}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(path) as tmp:  # input | generic | identity | ground truth
-                        cv2.imwrite(str(tmp), np.hstack(panels + [gt_img]))
+                    stem = data["name"][i] if "name" in data else Path(data["gt_path"][i]).stem
+                    # input | generic | identity | ground truth; testing also writes each output alone
+                    # (<face>_generic.png, <face>_identity.png) for other metrics tools, as BasicSR's test does
+                    alone = {} if self.is_train else dict(zip(branches, panels[1:]))
+                    for suffix, img in {str(current_iter): np.hstack(panels + [gt_img]), **alone}.items():
+                        path = Path(self.opt["path"]["visualization"]) / name / f"{stem}_{suffix}.png"
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(path) as tmp:
+                            cv2.imwrite(str(tmp), img)
         net.train(was_training)
         self.metric_results = {k: v / max(count, 1) for k, v in sums.items()}
         logger = get_root_logger()

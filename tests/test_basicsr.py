@@ -422,6 +422,7 @@ def test_every_option_file_passes_the_model_checks(path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     opt = yaml.safe_load(path.read_text())
+    opt.setdefault("is_train", "train" in opt)  # BasicSR sets it by script; a file without train is for test.py
     pretrain = (opt.get("path") or {}).get("pretrain_network_g")
     if pretrain and pretrain.startswith("experiments/"):  # an earlier stage's output, made by its run
         opt["path"]["pretrain_network_g"] = None
@@ -441,3 +442,85 @@ def test_lr_mult_gives_the_identity_modules_their_own_learning_rate():
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     with pytest.raises(OptionError, match=r"train.lr_mult: \['E_hgq'\] match no trainable parameter"):
         lr_groups(net, 2e-4, {"E_hgq": 5})
+
+
+def test_test_py_evaluates_a_checkpoint_on_a_paired_set(tmp_path):
+    """basicsr_arch/test.py on a paired set made from tests/data (two people, their other photos as
+    references): BasicSR's test_pipeline logs PSNR/SSIM/NIQE for both outputs and saves the images."""
+    from basicsr.metrics import calculate_psnr
+    from conftest import small_net
+
+    from dmdnet_plugin.weights import save_checkpoint
+
+    rng = np.random.default_rng(0)
+    for person in ("00005", "00022"):
+        for name in ("0", "1"):
+            gt = cv2.imread(str(DATA / "celebref" / person / f"{name}.jpg"))
+            small = cv2.resize(cv2.GaussianBlur(gt, (0, 0), 2), (128, 128), interpolation=cv2.INTER_AREA)
+            noisy = np.clip(small + rng.normal(0, 5, small.shape), 0, 255).astype(np.uint8)
+            lq = cv2.resize(cv2.imdecode(cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 60])[1], 1), (512, 512))
+            for folder, img in (("lq", lq), ("gt", gt)):
+                (tmp_path / folder / person).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(tmp_path / folder / person / f"{name}.png"), img)
+            shutil.copy(DATA / "celebref" / person / f"{name}.jpg.txt", tmp_path / "lq" / person / f"{name}.png.txt")
+    from basicsr_arch.dmdnet_dataset import DMDNetPairedDataset
+    from basicsr_arch.option_checks import OptionError
+
+    pairs = {"name": "t", "phase": "test", "dataroot_lq": str(tmp_path / "lq"), "dataroot_gt": str(tmp_path / "gt")}
+    data = DMDNetPairedDataset({**pairs, "dataroot_refs": str(DATA / "celebref"), "num_refs": 2})
+    assert [r.name for r in data.pairs[0][3]] == ["1.jpg", "2.jpg"]  # 00005/0: its own photo is not a reference
+    assert data[0]["refs"].shape == (2, 3, 512, 512) and data[0]["name"] == "00005_0"
+    (tmp_path / "lq" / "00005" / "9.png").write_bytes((tmp_path / "lq" / "00005" / "0.png").read_bytes())
+    with pytest.raises(OptionError, match=r"datasets.test: no ground truth in .* for 1 faces \(\['00005/9'\]\)"):
+        DMDNetPairedDataset(pairs)
+    (tmp_path / "lq" / "00005" / "9.png").unlink()
+    weights = save_checkpoint(small_net(), tmp_path / "small.safetensors")
+    name = f"pytest_test_{uuid.uuid4().hex[:8]}"
+    opt = yaml.safe_load((ROOT / "options" / "test_dmdnet.yml").read_text())
+    opt["name"] = name
+    opt["datasets"]["test_1"].update(
+        name="tiny_pairs",
+        dataroot_lq=str(tmp_path / "lq"),
+        dataroot_gt=str(tmp_path / "gt"),
+        dataroot_refs=str(DATA / "celebref"),
+        num_refs=2,
+    )
+    opt["network_g"].update(ngf=16, banks_num=8)  # small_net's
+    opt["path"]["pretrain_network_g"] = str(weights)
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(opt))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "basicsr_arch/test.py", "-opt", str(tmp_path / "test.yml")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        results = ROOT / "results" / name
+        log = "".join(p.read_text() for p in results.glob("test_*.log"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = re.search(rf"Validation tiny_pairs @ {name}: (.*)", log).group(1)
+        metrics = {k: float(v) for k, v in (item.split(" ") for item in line.split(", "))}
+        assert set(metrics) == {f"{m}_{b}" for m in ("psnr", "ssim", "niqe") for b in ("generic", "identity")} | {
+            "psnr_input",
+            "ssim_input",
+        }
+        shown = results / "visualization" / "tiny_pairs"
+        faces = [f"{p}_{n}" for p in ("00005", "00022") for n in ("0", "1")]
+        assert sorted(p.name for p in shown.iterdir()) == sorted(
+            f"{f}_{s}.png" for f in faces for s in (name, "generic", "identity")
+        )
+        for branch in ("generic", "identity"):  # the logged PSNR is the mean over the saved images
+            psnr = [
+                calculate_psnr(
+                    cv2.imread(str(shown / f"{f}_{branch}.png")),
+                    cv2.imread(str(tmp_path / "gt" / f[:5] / f"{f[6:]}.png")),
+                    0,
+                )
+                for f in faces
+            ]
+            assert abs(np.mean(psnr) - metrics[f"psnr_{branch}"]) < 1e-3, (psnr, metrics)
+        assert all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("niqe"))
+        assert "Number of test images in tiny_pairs: 4" in log
+    finally:
+        shutil.rmtree(ROOT / "results" / name, ignore_errors=True)
