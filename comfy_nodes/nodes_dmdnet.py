@@ -216,7 +216,10 @@ class DMDNetModelLoader(io.ComfyNode):
                     "device", options=["auto", "cpu", "cuda"], default="auto", tooltip="auto: ComfyUI's device"
                 ),
                 io.Combo.Input(
-                    "precision", options=list(PRECISIONS), default="auto", tooltip="auto: fp16 on CUDA, fp32 on CPU"
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="auto",
+                    tooltip="auto: fp16 on CUDA; on CPU bf16 where native and faster, else fp32",
                 ),
             ],
             outputs=[

@@ -12,13 +12,19 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+SHRINK = 2  # the low-pass is computed at 1/SHRINK of the size: 4 was off by up to 3 levels (low_pass)
 SIGMA = 16.0  # px on the 512 px crop: coarser than any facial detail, finer than a face's colour regions
+
+
+def low_pass(img: np.ndarray, sigma: float = SIGMA) -> np.ndarray:
+    """A Gaussian blur of ``sigma`` px, computed at 1/SHRINK of the size: what is left after a blur this
+    wide is smooth enough to shrink and grow back. Within one 8-bit level of the full-size blur on
+    real face crops restored by the demo model (tests/test_pipeline.py), and about 4x faster."""
+    h, w = img.shape[:2]
+    small = cv2.resize(img, (max(1, w // SHRINK), max(1, h // SHRINK)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(cv2.GaussianBlur(small, (0, 0), sigma / SHRINK), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def keep_colours(restored: np.ndarray, original: np.ndarray, sigma: float = SIGMA) -> np.ndarray:
     """``restored`` with its coarse colour (Gaussian low-pass) replaced by ``original``'s; float RGB in [0, 1]."""
-
-    def low(img: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(img, (0, 0), sigma)
-
-    return np.clip(restored - low(restored) + low(original), 0.0, 1.0).astype(np.float32)
+    return np.clip(restored - low_pass(restored, sigma) + low_pass(original, sigma), 0.0, 1.0).astype(np.float32)

@@ -91,11 +91,11 @@ class FaceHelper:
         boxes, boxes_from = component_boxes(transform_points(face.landmarks, matrix))
         return AlignedFace(face, crop, matrix, boxes, boxes_from, source_index)
 
-    def select(self, rgb8: np.ndarray) -> tuple[list[Face], list[dict]]:
+    def select(self, rgb8: np.ndarray, embed: bool = True) -> tuple[list[Face], list[dict]]:
         """The faces of a uint8 RGB image that this helper keeps (size, count), and those left out
         with the reason; not aligned (a clip's tracker aligns later, on smoothed landmarks)."""
         kept, skipped = [], []
-        for face in self.backend.detect(rgb8):
+        for face in self.backend.detect(rgb8, embed):
             if face.width < self.min_face:
                 reason = f"face is {face.width:.0f} px wide, below the minimum of {self.min_face}"
             elif (self.only_largest and kept) or (self.max_faces is not None and len(kept) >= self.max_faces):
@@ -106,12 +106,12 @@ class FaceHelper:
             skipped.append({"box": [round(float(v), 1) for v in face.box], "reason": reason})
         return kept, skipped
 
-    def detect(self, rgb: np.ndarray, source_index: int = 0) -> Detection:
+    def detect(self, rgb: np.ndarray, source_index: int = 0, embed: bool = True) -> Detection:
         """Aligned faces of a float RGB image, and the faces left out with the reason."""
-        kept, skipped = self.select(to_uint8(rgb))
+        kept, skipped = self.select(to_uint8(rgb), embed)
         return Detection(tuple(self.align(rgb, face, source_index) for face in kept), tuple(skipped))
 
-    def align_whole(self, rgb: np.ndarray, source_index: int = 0) -> AlignedFace:
+    def align_whole(self, rgb: np.ndarray, source_index: int = 0, embed: bool = True) -> AlignedFace:
         """Treat the whole image as an aligned crop (``--aligned``); landmarks only give the boxes."""
         h, w = rgb.shape[:2]
         matrix = np.array([[CROP_SIZE / w, 0, 0], [0, CROP_SIZE / h, 0]])
@@ -121,11 +121,11 @@ class FaceHelper:
         )
         crop = np.clip(crop, 0, 1).astype(np.float32)
         crop8 = to_uint8(crop)
-        found = self.backend.detect(crop8)
+        found = self.backend.detect(crop8, embed)
         # Undetected means missing: a shape predictor run blind returns its prior, not the face.
         boxes, boxes_from = component_boxes(found[0].landmarks if found else None)
         landmarks = found[0].landmarks if boxes_from == "landmarks" else TEMPLATE_68
-        embedding = found[0].embedding if found else self.backend.embed(crop8, landmarks)
+        embedding = found[0].embedding if found else self.backend.embed(crop8, landmarks) if embed else None
         face = Face(
             np.array([0.0, 0.0, w, h]),
             transform_points(landmarks, cv2.invertAffineTransform(matrix)),
@@ -134,11 +134,12 @@ class FaceHelper:
         )
         return AlignedFace(face, crop, matrix, boxes, boxes_from, source_index)
 
-    def find(self, pictures: Sequence[Picture], aligned: bool = False) -> list[Detection]:
-        """One :class:`Detection` per picture; ``aligned``: each picture is one aligned face."""
+    def find(self, pictures: Sequence[Picture], aligned: bool = False, embed: bool = True) -> list[Detection]:
+        """One :class:`Detection` per picture; ``aligned``: each picture is one aligned face;
+        ``embed``: with the faces' embeddings (for matching identities)."""
         if aligned:
-            return [Detection((self.align_whole(p.rgb(), i),)) for i, p in enumerate(pictures)]
-        return [self.detect(p.rgb(), i) for i, p in enumerate(pictures)]
+            return [Detection((self.align_whole(p.rgb(), i, embed),)) for i, p in enumerate(pictures)]
+        return [self.detect(p.rgb(), i, embed) for i, p in enumerate(pictures)]
 
     @staticmethod
     def masks(faces: Sequence[AlignedFace], sizes: Sequence[tuple[int, int]]) -> np.ndarray:

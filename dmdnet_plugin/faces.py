@@ -57,8 +57,9 @@ class FaceBackend(Protocol):
 
     name: str
 
-    def detect(self, rgb8: np.ndarray) -> list[Face]:
-        """All faces of a uint8 RGB image, largest first, with landmarks and embeddings."""
+    def detect(self, rgb8: np.ndarray, embed: bool = True) -> list[Face]:
+        """All faces of a uint8 RGB image, largest first, with landmarks (and embeddings, unless
+        ``embed`` is False: they cost as much as detection, and only matching and tracking read them)."""
         ...
 
     def landmarks(self, rgb8: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -133,12 +134,12 @@ class DlibBackend:
         shape = dlib.full_object_detection(rect, [dlib.point(int(round(x)), int(round(y))) for x, y in landmarks])
         return np.array(self._embed.compute_face_descriptor(np.ascontiguousarray(rgb8), shape, 0), dtype=np.float64)
 
-    def detect(self, rgb8: np.ndarray) -> list[Face]:
-        """All faces, largest first, with landmarks and embeddings."""
+    def detect(self, rgb8: np.ndarray, embed: bool = True) -> list[Face]:
+        """All faces, largest first, with landmarks and (``embed``) embeddings."""
         faces = []
         for box, score in self._boxes(rgb8):
             lm = self.landmarks(rgb8, box)
-            faces.append(Face(box, lm, score, self.embed(rgb8, lm)))
+            faces.append(Face(box, lm, score, self.embed(rgb8, lm) if embed else None))
         return sorted(faces, key=lambda f: -f.width)
 
 

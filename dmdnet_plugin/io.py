@@ -70,6 +70,12 @@ class Picture:
         return to_uint8(self.rgb())
 
 
+def refuse_overwrite(src: Path, dst: Path) -> None:
+    """Inputs are never modified: an output path that is the input itself is an error for that file."""
+    if dst.resolve() == src.resolve():
+        raise ImageError(f"{src}: the output would overwrite the input; choose another output folder (-o)")
+
+
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation (1-8) to an HxW(xC) array."""
     ops = {

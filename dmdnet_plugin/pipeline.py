@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -57,6 +57,11 @@ def checked_mode(mode: Mode | str, identities: Sequence[IdentityDictionary]) -> 
     if mode is Mode.IDENTITY and len(identities) != 1:
         raise ValueError(f"mode 'identity' needs exactly one identity dictionary, got {len(identities)}")
     return mode
+
+
+def needs_embeddings(mode: Mode, identities: Sequence[IdentityDictionary]) -> bool:
+    """Whether faces must be embedded: only to match them with identities (a sixth of a photo's time)."""
+    return mode is not Mode.GENERIC and bool(identities)
 
 
 @dataclass(frozen=True)
@@ -260,33 +265,74 @@ class Restorer:
         sets this up). ``keep_colours``: restored faces keep the input's broad colours
         (:mod:`colours`); False: the model's.
         """
-        identities = self.identities if identities is None else tuple(identities)
+        identities = self.checked_identities(identities)
         mode = checked_mode(mode, identities)
-        if identities is not self.identities:
-            for ident in identities:
-                self.model.check_identity(ident)
-        detections = self.helper.find(pictures, aligned) if detections is None else detections
+        if detections is None:
+            detections = self.helper.find(pictures, aligned, embed=needs_embeddings(mode, identities))
         if len(detections) != len(pictures):
             raise ValueError(f"{len(detections)} detections for {len(pictures)} pictures")
+        faces = self.restore_faces(detections, mode, identities, progress)
+        return [
+            self.finish(picture, detection, image, upscale, strength, keep_colours, smoother)
+            for picture, detection, image in zip(pictures, detections, faces)
+        ]
+
+    def checked_identities(self, identities: Sequence[IdentityDictionary] | None) -> tuple[IdentityDictionary, ...]:
+        """The identities of a run (the Restorer's own when None), each checked against the model."""
+        if identities is None:
+            return self.identities
+        identities = tuple(identities)
+        for ident in identities:
+            self.model.check_identity(ident)
+        return identities
+
+    def restore_faces(
+        self,
+        detections: Sequence[Detection],
+        mode: Mode,
+        identities: Sequence[IdentityDictionary],
+        progress: Progress | None = None,
+    ) -> list[tuple[FaceResult, ...]]:
+        """The model's part of a run: each face's identity, and the faces of all the pictures restored
+        in batches across them. One tuple per picture; the crops are the model's (no colours yet)."""
         decided = [[(f, *self._decide(f, mode, identities)) for f in d.faces] for d in detections]
         jobs = [(f, ident) for image in decided for f, ident, _, why in image if why is None]
-        crops = self._restore(jobs, progress)  # in the order of ``jobs``: image by image, so frame by frame
-        if keep_colours:
-            crops = [keep_colours_of(crop, f.crop) for (f, _), crop in zip(jobs, crops)]
-        if smoother is not None:
-            crops = [crop if f.track is None else smoother(f.track, crop) for (f, _), crop in zip(jobs, crops)]
-        crops = iter(crops)
-        results = []
-        for picture, detection, image in zip(pictures, detections, decided):
-            faces = tuple(
+        crops = iter(self._restore(jobs, progress))  # in the order of ``jobs``: picture by picture
+        return [
+            tuple(
                 FaceResult(f, ident, decision, next(crops) if why is None else None, why)
                 for f, ident, decision, why in image
             )
-            pixels, alpha = self.helper.paste(
-                picture, [(r.face, r.restored) for r in faces if r.restored is not None], upscale, strength
+            for image in decided
+        ]
+
+    def finish(
+        self,
+        picture: Picture,
+        detection: Detection,
+        faces: tuple[FaceResult, ...],
+        upscale: float = 1.0,
+        strength: float = 1.0,
+        keep_colours: bool = True,
+        smoother: CropSmoother | None = None,
+    ) -> ImageResult:
+        """The rest of a run for one picture, on the CPU: colours, smoothing over a clip (in frame
+        order), paste-back. Pictures are independent here, so a pipeline can finish them in threads."""
+        if keep_colours:
+            faces = tuple(
+                f if f.restored is None else replace(f, restored=keep_colours_of(f.restored, f.crop)) for f in faces
             )
-            results.append(ImageResult(pixels, alpha, faces, detection.skipped))
-        return results
+        if smoother is not None:
+            faces = tuple(
+                f
+                if f.restored is None or f.face.track is None
+                else replace(f, restored=smoother(f.face.track, f.restored))
+                for f in faces
+            )
+        pixels, alpha = self.helper.paste(
+            picture, [(f.face, f.restored) for f in faces if f.restored is not None], upscale, strength
+        )
+        return ImageResult(pixels, alpha, faces, detection.skipped)
 
     def compare(
         self,
@@ -299,9 +345,9 @@ class Restorer:
     ) -> tuple[ImageResult, ImageResult | None]:
         """The photo restored generic, and with the identities in ``mode`` (None without identities or
         in generic mode), from one face detection: what a before/after page shows side by side."""
-        identities = self.identities if identities is None else tuple(identities)
+        identities = self.checked_identities(identities)
         mode = checked_mode(mode, identities)
-        detections = self.helper.find([picture])
+        detections = self.helper.find([picture], embed=needs_embeddings(mode, identities))
         options = {"strength": strength, "upscale": upscale, "detections": detections, "keep_colours": keep_colours}
         generic = self.run([picture], Mode.GENERIC, (), **options)[0]
         if mode is Mode.GENERIC or not identities:
@@ -329,7 +375,7 @@ class Restorer:
         ``detections`` (one per frame) when given. ``progress`` gets a :class:`ClipStatus` per frame
         and between model calls, so a caller can show it and cancel.
         """
-        identities = self.identities if identities is None else tuple(identities)
+        identities = self.checked_identities(identities)
         mode = checked_mode(mode, identities)
         if temporal and detections is not None:
             raise ValueError("a temporal clip is tracked by run_clip; detections cannot be given")
@@ -383,7 +429,7 @@ class Restorer:
             elif detections is not None:
                 found = detections[done : done + len(chunk)]
             else:
-                found = self.helper.find(chunk)
+                found = self.helper.find(chunk, embed=needs_embeddings(options["mode"], options["identities"]))
             if len(found) != len(chunk):
                 raise ValueError(f"{len(detections)} detections for a clip of more frames")
 

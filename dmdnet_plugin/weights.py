@@ -21,7 +21,7 @@ import torch
 from .atomic import atomic_path
 from .identity import IdentityDictionary
 from .model import KEY_SCALE, DMDNet
-from .runtime import pick_device, pick_precision, tune_cpu_allocator
+from .runtime import cache_dir, pick_device, pick_precision, tune_cpu_allocator
 from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
@@ -61,14 +61,6 @@ class WeightsSource:
         """What every surface tells its user: the file, and for the demo model how to get the real one."""
         text = f"weights: {self.path} ({self.origin})"
         return f"{text}\nnote: {DEMO_NOTE}" if self.is_demo else text
-
-
-def cache_dir() -> Path:
-    """Per-user folder where downloaded or hand-placed weights are looked for."""
-    root = os.environ.get("DMDNET_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dmdnet"
-    )
-    return Path(root)
 
 
 def sha256_of(path: Path) -> str:
@@ -268,7 +260,7 @@ def load_model(
     """Load a checkpoint (found by :func:`find_weights` when ``path`` is None) for inference.
 
     ``device`` and ``precision`` (the compute precision of :meth:`DMDNet.restore`, by autocast)
-    default to :mod:`runtime`'s rule: CUDA when available; fp16 on CUDA, fp32 on CPU. The
+    default to :mod:`runtime`'s rule: CUDA when available; fp16 on CUDA, bf16 or fp32 on CPU. The
     weights stay float32, so fingerprints and identity dictionaries do not depend on the
     precision.
     """

@@ -166,3 +166,16 @@ def test_training_forward_with_references_runs_under_bf16_autocast():
         "LE_256_Mask.conv1.0.weight_orig",
     ):
         assert grads[name].abs().sum() > 0, name  # reference encoder, dictionaries and mask all train
+
+
+def test_bf16_on_cpu_stays_near_fp32(official_net):
+    """What ``--precision auto`` picks on CPUs with native bf16: the official-size model on the real
+    parity faces, generic and identity, against fp32 (runs wherever torch's CPU bf16 does)."""
+    inputs = load_parity_inputs()
+    identity = official_net.encode_identity(inputs["refs"], inputs["ref_boxes"])
+    for ident in (None, identity):
+        fp32 = official_net.restore(inputs["lq"], inputs["lq_boxes"], ident)
+        bf16 = official_net.restore(inputs["lq"], inputs["lq_boxes"], ident, dtype=torch.bfloat16)
+        error = (bf16 - fp32).abs()
+        print(f"bf16 vs fp32 ({'identity' if ident else 'generic'}): mean {error.mean():.2e}, max {error.max():.2e}")
+        assert torch.isfinite(bf16).all() and error.mean() < 1.5e-2

@@ -108,3 +108,38 @@ def test_restored_faces_keep_the_photos_broad_colours_unless_told_not_to(setup):
         detail = np.abs((k.restored - low(k.restored)) - (m.restored - low(m.restored))).mean()
         assert detail < 0.01, detail  # the fine detail is the model's either way
     assert np.abs(kept.pixels.astype(int) - own.pixels.astype(int)).mean() > 1  # and the pasted photo shows it
+
+
+def test_faces_are_embedded_only_to_match_identities(setup):
+    """The 128-d embedding costs about as much as detection: generic runs skip it."""
+    restorer, picture, identity = setup
+    for mode, identities, embedded in (("auto", [], False), ("generic", [identity], False), ("auto", [identity], True)):
+        result = restorer.run([picture], mode, identities)[0]
+        assert len(result.faces) == 2
+        assert all((f.face.face.embedding is not None) is embedded for f in result.faces), (mode, identities)
+    generic, with_identity = restorer.compare(picture, identities=[identity])
+    assert all(f.face.face.embedding is not None for f in generic.faces + with_identity.faces)  # one detection
+
+
+def test_the_fast_low_pass_is_within_one_level_of_the_full_gaussian():
+    """colours.low_pass blurs at a quarter of the size; on real face crops (tests/data and the example
+    photos) restored by the demo model, the colour-kept output is within one 8-bit level of what the
+    full-size Gaussian gives (the two low-passes' errors at the borders cancel)."""
+    from dmdnet_plugin.colours import SIGMA, keep_colours
+    from dmdnet_plugin.io import read_image
+
+    helper = FaceHelper(DlibBackend("hog"))
+    photos = [DATA / "celebref" / p / f"{i}.jpg" for p in ("00005", "00022") for i in (0, 1)]
+    photos += [DATA.parents[1] / "examples" / "photos" / n for n in ("family.jpg", "obama_lowres.jpg")]
+    crops = [f.crop for p in photos for f in helper.detect(read_image(p).rgb(), embed=False).faces]
+    assert len(crops) >= 8
+    model = load_model(BUNDLED, device="cpu")  # real restorations: the demo model drifts in colour
+    boxes = torch.from_numpy(np.stack([TEMPLATE_BOXES] * len(crops)))
+    restored = [
+        c.numpy().transpose(1, 2, 0) / 2 + 0.5
+        for c in model.restore(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) * 2 - 1, boxes).clamp(-1, 1)
+    ]
+    for out, crop in zip(restored, crops):
+        out = out.astype(np.float32)
+        full = np.clip(out - cv2.GaussianBlur(out, (0, 0), SIGMA) + cv2.GaussianBlur(crop, (0, 0), SIGMA), 0, 1)
+        assert np.abs(np.round(full * 255) - np.round(keep_colours(out, crop) * 255)).max() <= 1

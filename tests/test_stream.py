@@ -1,0 +1,145 @@
+"""The streaming photo pipeline and resumable runs, through the real CLI on real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DATA, small_net
+
+from dmdnet_plugin.cli import main
+from dmdnet_plugin.face_helper import FaceHelper
+from dmdnet_plugin.faces import DlibBackend
+from dmdnet_plugin.io import read_image
+from dmdnet_plugin.pipeline import Restorer
+from dmdnet_plugin.stream import JOURNAL, PhotoJob, PhotoStream, StreamOptions
+from dmdnet_plugin.weights import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = [
+    ROOT / "examples" / "photos" / "family.jpg",
+    ROOT / "examples" / "photos" / "obama_lowres.jpg",
+    DATA / "photos" / "family.jpg",
+    DATA / "celebref" / "00005" / "3.jpg",
+    DATA / "lq" / "00022_14.jpg",
+]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_checkpoint(small_net(), tmp_path_factory.mktemp("w") / "small.safetensors")
+
+
+def folder(tmp_path: Path, copies: int = 1) -> Path:
+    """Real photos (and a broken file), each ``copies`` times under its own name."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(copies):
+        for i, photo in enumerate(PHOTOS):
+            shutil.copy(photo, inputs / f"{k:02d}_{i}_{photo.name}")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return inputs
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != JOURNAL}
+
+
+def report(path: Path) -> list[dict]:
+    return [{**e, "output": e["output"] and Path(e["output"]).name} for e in json.loads(path.read_text())["files"]]
+
+
+def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(weights, tmp_path):
+    """Threads around the model change when things happen, not what comes out (fp32)."""
+    inputs = folder(tmp_path)
+    runs = {}
+    for workers in (0, 2):
+        out, rep = tmp_path / f"out{workers}", tmp_path / f"r{workers}.json"
+        status = main(
+            [
+                "restore",
+                str(inputs),
+                "-o",
+                str(out),
+                "--weights",
+                str(weights),
+                "--precision",
+                "fp32",
+                "--workers",
+                str(workers),
+                "--report",
+                str(rep),
+            ]
+        )
+        assert status == 1  # the broken file; the rest went on
+        runs[workers] = outputs(out), report(rep)
+    assert runs[0] == runs[2]
+    files, entries = runs[2]
+    assert len(files) == len(PHOTOS) and [e["status"] for e in entries].count("ok") == len(PHOTOS)
+    assert sum(len(e.get("faces", [])) for e in entries) >= 8 and "broken.png" in entries[-1]["error"]
+
+    # several windows, through the Python API: faces of two photos share each model call
+    restorer = Restorer(small_net(), FaceHelper(DlibBackend("hog")))
+    jobs = [PhotoJob(p, tmp_path / "api" / f"{w}" / p.name) for w in (0, 2) for p in sorted(inputs.iterdir())]
+    half = len(jobs) // 2
+    by = {
+        w: list(PhotoStream(restorer, StreamOptions(), workers=w, window=2).run(jobs[i : i + half]))
+        for w, i in ((0, 0), (2, half))
+    }
+    for a, b in zip(by[0], by[2]):
+        assert {**a, "output": None} == {**b, "output": None}
+        if a["output"]:
+            assert Path(a["output"]).read_bytes() == Path(b["output"]).read_bytes()
+    assert read_image(jobs[0].dst).size == read_image(jobs[0].src).size
+
+
+def test_a_killed_run_resumes_with_only_what_is_missing(weights, tmp_path):
+    """SIGKILL in the middle, the same command again: the finished outputs stay as they are, the rest
+    is restored, nothing partial is left, and the one report covers every input."""
+    inputs = folder(tmp_path, copies=4)
+    out, rep = tmp_path / "out", tmp_path / "report.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dmdnet_plugin.cli",
+        "restore",
+        str(inputs),
+        "-o",
+        str(out),
+        "--weights",
+        str(weights),
+        "--report",
+        str(rep),
+    ]
+    first = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    journal = out / JOURNAL
+    deadline = time.monotonic() + 300
+    while not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
+        assert first.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != JOURNAL and not p.name.startswith(".")}
+    for name in kept:  # every output there is whole
+        assert read_image(out / name).size == read_image(inputs / name).size
+    total = len(PHOTOS) * 4 + 1
+    assert 0 < len(kept) < total - 1 and not rep.exists()
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 1, second.stderr[-2000:]  # the broken file, again
+    assert f"of {total} inputs already restored by an earlier run" in second.stderr
+    assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items())  # not restored again
+    entries = report(rep)
+    assert [e["input"] for e in entries] == [str(p) for p in sorted(inputs.iterdir())]
+    assert [e["status"] for e in entries].count("ok") == total - 1
+    assert not [p for p in out.iterdir() if ".part" in p.name]
+
+    third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert f"{total - 1} of {total} inputs already restored" in third.stderr and report(rep) == entries
