@@ -8,16 +8,11 @@ the generic and the identity output (and PSNR/SSIM of the input) in the log, and
 import os.path as osp
 import sys
 
-ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, osp.abspath(osp.join(__file__, osp.pardir, osp.pardir)))  # run from a checkout
 
 from basicsr.test import test_pipeline  # noqa: E402
 
-import basicsr_arch  # noqa: E402,F401  (registers DMDNet, DMDNetModel and the datasets; applies fixes)
-from basicsr_arch.option_checks import OptionError  # noqa: E402
+from basicsr_arch import run  # noqa: E402  (registers DMDNet, DMDNetModel and the datasets; applies fixes)
 
 if __name__ == "__main__":
-    try:
-        test_pipeline(ROOT)
-    except OptionError as exc:
-        sys.exit(f"error: {exc}")
+    run(test_pipeline)

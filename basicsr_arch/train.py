@@ -7,16 +7,11 @@ option stops the run with one line naming it (basicsr_arch/option_checks.py), no
 import os.path as osp
 import sys
 
-ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, osp.abspath(osp.join(__file__, osp.pardir, osp.pardir)))  # run from a checkout
 
 from basicsr.train import train_pipeline  # noqa: E402
 
-import basicsr_arch  # noqa: E402,F401  (registers DMDNet, DMDNetModel, DMDNetFaceDataset; applies fixes)
-from basicsr_arch.option_checks import OptionError  # noqa: E402
+from basicsr_arch import run  # noqa: E402  (registers DMDNet, DMDNetModel and the datasets; applies fixes)
 
 if __name__ == "__main__":
-    try:
-        train_pipeline(ROOT)
-    except OptionError as exc:
-        sys.exit(f"error: {exc}")
+    run(train_pipeline)
