@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="skip the inputs an earlier run with the same settings finished (its journal in the output "
-        "folder; the default); --no-resume: restore every input again",
+        help="skip the inputs an earlier run into the same folder with the same settings finished (its journal "
+        "is in ~/.cache/dmdnet/runs; the default); --no-resume: restore every input again",
     )
     p.set_defaults(func=cmd_restore)
 

@@ -8,8 +8,9 @@ windows are held at once, whatever the folder's size. Batches are made from the 
 order, ``window`` at a time, the same way with or without threads, so ``workers=0`` (one stage
 after the other, the reference path) gives the same pixels and report.
 
-A run keeps a journal in its output folder: one line per finished input, written after the
-output itself (outputs are written atomically). Started again with the same settings, after a
+A run keeps a journal (``journal_path``: in the cache folder, one per output folder, so the output
+folder holds only outputs): one line per finished input, written after the output itself
+(outputs are written atomically). Started again with the same settings, after a
 crash or a kill, it restores only the inputs the journal lacks and ends with one report of all.
 """
 
@@ -31,8 +32,8 @@ from .face_helper import Detection, FaceHelper
 from .identity import IdentityError
 from .io import ImageError, Picture, read_image, refuse_overwrite, write_image
 from .pipeline import Mode, Restorer, checked_mode, needs_embeddings, save_faces
+from .runtime import cache_dir
 
-JOURNAL = "dmdnet-journal.jsonl"  # in the output folder, beside the outputs
 WINDOW = 8  # photos whose faces are restored together
 _LOCK = threading.Lock()
 
@@ -233,15 +234,21 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
             seconds[stage] += time.perf_counter() - start
 
 
+def journal_path(folder: Path) -> Path:
+    """Where the journal of the runs into ``folder`` is kept."""
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "runs" / f"{key}.jsonl"
+
+
 class Journal:
-    """The finished inputs of a run with given settings, one JSON line each, in the output folder.
+    """The finished inputs of the runs into an output folder with given settings, one JSON line each.
 
     Appended and flushed after each output is written, so a run killed at any moment leaves at
     worst one partial last line, which is ignored. A journal of other settings is started afresh.
     """
 
     def __init__(self, folder: Path, settings: dict, resume: bool = True) -> None:
-        self.path = folder / JOURNAL
+        self.folder, self.path = folder, journal_path(folder)
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.entries: dict[str, dict] = {}
         try:
@@ -265,7 +272,7 @@ class Journal:
 
     def __enter__(self) -> Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.parent.glob(".*.part*"):  # what a killed run was writing (atomic.atomic_path)
+        for stale in self.folder.glob(".*.part*"):  # what a killed run was writing (atomic.atomic_path)
             stale.unlink(missing_ok=True)
         keep = [json.dumps({"settings": self.key, "entry": e}) for e in self.entries.values()]
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")

@@ -19,7 +19,7 @@ from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.io import read_image
 from dmdnet_plugin.pipeline import Restorer
-from dmdnet_plugin.stream import JOURNAL, PhotoJob, PhotoStream, StreamOptions
+from dmdnet_plugin.stream import PhotoJob, PhotoStream, StreamOptions, journal_path
 from dmdnet_plugin.weights import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def folder(tmp_path: Path, copies: int = 1) -> Path:
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != JOURNAL}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def report(path: Path) -> list[dict]:
@@ -100,7 +100,7 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(wei
     assert read_image(jobs[0].dst).size == read_image(jobs[0].src).size
 
 
-def test_a_killed_run_resumes_with_only_what_is_missing(weights, tmp_path):
+def test_a_killed_run_resumes_with_only_what_is_missing(weights, tmp_path, monkeypatch):
     """SIGKILL in the middle, the same command again: the finished outputs stay as they are, the rest
     is restored, nothing partial is left, and the one report covers every input."""
     inputs = folder(tmp_path, copies=4)
@@ -118,15 +118,16 @@ def test_a_killed_run_resumes_with_only_what_is_missing(weights, tmp_path):
         "--report",
         str(rep),
     ]
+    monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))  # the runs' journals; inherited by the runs
     first = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    journal = out / JOURNAL
+    journal = journal_path(out)
     deadline = time.monotonic() + 300
     while not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
         assert first.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != JOURNAL and not p.name.startswith(".")}
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
     for name in kept:  # every output there is whole
         assert read_image(out / name).size == read_image(inputs / name).size
     total = len(PHOTOS) * 4 + 1
