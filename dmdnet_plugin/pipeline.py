@@ -10,11 +10,11 @@ of its own. :func:`dmdnet_plugin.factory.load_restorer` is the one way to build 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from .weights import LoadedModel
 
 Progress = Callable[[int, int], None]  # (faces done, faces in the run)
 Reference = str | Path | tuple[str, np.ndarray]  # a file, or (label, float RGB pixels)
-FRAMES_PER_RUN = 8  # a clip's frames restored per Restorer.run: faces are batched across them, memory stays bounded
+FRAMES_PER_RUN = 8  # pictures (a clip's frames, a folder's photos) whose faces are restored together; bounds memory
+T = TypeVar("T")
 
 
 class Mode(str, Enum):
@@ -411,41 +412,54 @@ class Restorer:
         detections: Sequence[Detection] | None,
         n_frames: int,
         progress: ClipProgress | None,
-        **options,
+        mode: Mode,
+        identities: tuple[IdentityDictionary, ...],
+        strength: float,
+        keep_colours: bool,
     ) -> Iterator[ImageResult]:
+        """The frames of a clip whose mode and identities :meth:`run_clip` has checked, a run at a time."""
         smoother = CropSmoother() if tracked is not None else None
         if tracked is not None:
             n_faces = sum(len(faces) for faces in tracked.frames)
         else:
             n_faces = 0 if detections is None else sum(len(d.faces) for d in detections)
-        done, faces_done, chunk = 0, 0, []
-        for picture in itertools.chain(frames, [None]):  # None: the end, run what is left
-            if picture is not None:
-                chunk.append(picture)
-            if len(chunk) < FRAMES_PER_RUN and (picture is not None or not chunk):
-                continue
+        done, faces_done = 0, 0
+        for chunk in chunks(frames, FRAMES_PER_RUN):
             if tracked is not None:
                 found = tracked.detections(self.helper, chunk, done)
             elif detections is not None:
                 found = detections[done : done + len(chunk)]
             else:
-                found = self.helper.find(chunk, embed=needs_embeddings(options["mode"], options["identities"]))
+                found = self.helper.find(chunk, embed=needs_embeddings(mode, identities))
             if len(found) != len(chunk):
                 raise ValueError(f"{len(detections)} detections for a clip of more frames")
 
             def report(faces: int, _total: int, at: int = done, before: int = faces_done) -> None:
                 progress(ClipStatus("restoring", at, n_frames, before + faces, n_faces))
 
-            results = self.run(
-                chunk, detections=found, progress=report if progress else None, smoother=smoother, **options
-            )
+            restored = self.restore_faces(found, mode, identities, report if progress else None)
             faces_done += sum(len(d.faces) for d in found)
-            for result in results:
+            for picture, detection, faces in zip(chunk, found, restored):
+                result = self.finish(
+                    picture, detection, faces, strength=strength, keep_colours=keep_colours, smoother=smoother
+                )
                 done += 1
                 if progress:
                     progress(ClipStatus("restoring", done, n_frames, faces_done, n_faces))
                 yield result
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter), read lazily: a clip's frames or a
+    folder's photos are never all held."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
             chunk = []
+    if chunk:
+        yield chunk
 
 
 def save_faces(result: ImageResult, out_dir: Path, stem: str) -> None:

@@ -31,10 +31,9 @@ from pathlib import Path
 from .face_helper import Detection, FaceHelper
 from .identity import IdentityError
 from .io import ImageError, Picture, read_image, refuse_overwrite, write_image
-from .pipeline import Mode, Restorer, checked_mode, needs_embeddings, save_faces
+from .pipeline import FRAMES_PER_RUN, Mode, Restorer, checked_mode, chunks, needs_embeddings, save_faces
 from .runtime import cache_dir
 
-WINDOW = 8  # photos whose faces are restored together
 _LOCK = threading.Lock()
 
 
@@ -74,7 +73,9 @@ class PhotoStream:
     """Restores photos with ``restorer``: one thread reads and finds faces, ``workers`` threads paste
     and write, around the model in the calling thread (``workers=0``: no threads, the reference)."""
 
-    def __init__(self, restorer: Restorer, options: StreamOptions, workers: int = 2, window: int = WINDOW) -> None:
+    def __init__(
+        self, restorer: Restorer, options: StreamOptions, workers: int = 2, window: int = FRAMES_PER_RUN
+    ) -> None:
         self.restorer, self.options = restorer, options
         self.seconds = {"read": 0.0, "model": 0.0, "write": 0.0}  # time in each stage (benchmarks/throughput.py)
         self._pools: tuple[Executor, Executor] | None = None
@@ -159,21 +160,11 @@ class PhotoStream:
             self.seconds["read"] += seconds
         return item
 
-    def _windows(self, prepared: Iterable[Prepared]) -> Iterator[list[Prepared]]:
-        window: list[Prepared] = []
-        for item in prepared:
-            window.append(item)
-            if len(window) == self.window:
-                yield window
-                window = []
-        if window:
-            yield window
-
     def _completed(self, item: Prepared, faces: tuple | None) -> dict:
         return error_entry(item[0].src, item[1]) if faces is None else self._finish(*item, faces)
 
     def _run_inline(self, jobs: Iterable[PhotoJob], done: Callable[[dict], None] | None) -> Iterator[dict]:
-        for window in self._windows(self._prepare(job) for job in jobs):
+        for window in chunks((self._prepare(job) for job in jobs), self.window):
             for item, faces in self._restore_window(window):
                 entry = self._completed(item, faces)
                 if done:
@@ -199,7 +190,7 @@ class PhotoStream:
             while ahead:
                 yield self._received(ahead.popleft())
 
-        for window in self._windows(prepared()):
+        for window in chunks(prepared(), self.window):
             for item, faces in self._restore_window(window):
                 writing.append(writer.submit(self._completed, item, faces))
             while len(writing) > self.window:  # bounded: finish the oldest while the model moves on
