@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -68,6 +69,9 @@ def _restorer(args, identities: Sequence[IdentityDictionary] = (), **options) ->
 def cmd_restore(args) -> int:
     identities = [IdentityDictionary.load(p) for p in args.identity]
     checked_mode(args.mode, identities)  # before the model loads: a wrong command fails at once
+    options = StreamOptions(args.mode, args.aligned, args.upscale, 1.0, args.keep_colours, args.save_faces)
+    if args.ray is not None:
+        return _restore_on_ray(args, identities, options)
     restorer = _restorer(
         args,
         identities,
@@ -78,11 +82,62 @@ def cmd_restore(args) -> int:
         only_largest=args.only_largest,
     )
     out_dir = Path(args.output)
-    files = list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+    files = [str(p) for p in list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)]
+
+    def restore(todo: list[str]) -> Iterator[dict]:
+        with PhotoStream(restorer, options, args.workers) as stream:
+            yield from stream.run(PhotoJob(Path(src), out_dir / Path(src).name) for src in todo if not is_video(src))
+        for src in (Path(src) for src in todo if is_video(src)):
+            yield _video_entry(restorer, src, out_dir / src.name, args)
+
+    settings = _settings(args, restorer.loaded.record(), str(restorer.loaded.dtype))
+    return _restore_all(args, files, restore, settings, restorer.loaded.record())
+
+
+def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamOptions) -> int:
+    """``restore --ray``: the photos restored by Ray Data operators (:mod:`cluster`), same journal and report."""
+    try:
+        from . import cluster
+    except ImportError as exc:
+        raise CliError(f'--ray needs Ray Data: pip install "dmdnet-plugin[ray]" ({exc})') from None
+    weights = find_weights(args.weights)
+    spec = cluster.RestorerSpec(
+        str(weights.path),
+        args.precision,
+        args.detector,
+        args.face_models,
+        args.threshold,
+        args.margin,
+        args.batch_size,
+        args.min_face,
+        args.only_largest,
+    )
+    plan = cluster.RayPlan(restore_actors=args.ray_actors)
+    try:
+        source, target = cluster.Storage.open(args.inputs[0]), cluster.Storage.open(args.output)
+        paths = {source.name(p): p for p in source.images(args.inputs)}
+        tqdm.write(weights.notice(), file=sys.stderr)
+
+        def restore(todo: list[str]) -> Iterator[dict]:
+            jobs = [cluster.PhotoJob(Path(paths[n]), Path(target.join(Path(paths[n]).name))) for n in todo]
+            return cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
+
+        settings = {**_settings(args, weights.record(), args.precision), "engine": "ray"}
+        return _restore_all(args, list(paths), restore, settings, weights.record(), target)
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _restore_all(
+    args, files: list[str], restore: Callable[[list[str]], Iterable[dict]], settings: dict, weights: dict, target=None
+) -> int:
+    """Restore ``files`` (photos and videos, by name) into ``args.output`` with a journal: the inputs an
+    earlier run finished are kept, ``restore(the rest)`` yields the others' entries; then the report."""
     if not files:
         raise CliError("no input images or videos found")
-    report: dict[Path, dict] = {}
-    with Journal(out_dir, _settings(args, restorer), resume=args.resume) as journal:
+    report: dict[str, dict] = {}
+    exists = os.path.isfile if target is None else target.exists
+    with Journal(args.output, settings, resume=args.resume, exists=exists) as journal:
         for src in files:
             if (entry := journal.finished(src)) is not None:
                 report[src] = entry
@@ -96,34 +151,25 @@ def cmd_restore(args) -> int:
         with tqdm(
             total=len(todo), desc="restoring", unit="file", disable=len(todo) < 2 or not sys.stderr.isatty()
         ) as bar:
-
-            def done(entry: dict) -> None:
+            for entry in restore(todo):
                 if entry["error"]:
                     _error(entry["error"])
                 journal.add(entry)
                 bar.update()
-
-            options = StreamOptions(args.mode, args.aligned, args.upscale, 1.0, args.keep_colours, args.save_faces)
-            photos = [PhotoJob(src, out_dir / src.name) for src in todo if not is_video(src)]
-            with PhotoStream(restorer, options, args.workers) as stream:
-                for entry in stream.run(photos, done):
-                    report[Path(entry["input"])] = entry
-            for src in (src for src in todo if is_video(src)):
-                report[src] = _video_entry(restorer, src, out_dir / src.name, args)
-                done(report[src])
+                report[entry["input"]] = entry
     entries = [report[src] for src in files]
     if args.report:
         with atomic_path(args.report) as tmp:
-            tmp.write_text(json.dumps({"weights": restorer.loaded.record(), "files": entries}, indent=2) + "\n")
+            tmp.write_text(json.dumps({"weights": weights, "files": entries}, indent=2) + "\n")
     counts = {s: sum(e["status"] == s for e in entries) for s in ("ok", "no_face", "error")}
     print(
-        f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {out_dir}",
+        f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {args.output}",
         file=sys.stderr,
     )
     return 1 if counts["error"] else 0
 
 
-def _settings(args, restorer: Restorer) -> dict:
+def _settings(args, weights: dict, precision: str) -> dict:
     """What a run's outputs depend on: a resumed run must have the same."""
     keys = (
         "mode",
@@ -140,12 +186,7 @@ def _settings(args, restorer: Restorer) -> dict:
         "face_models",
     )
     identities = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in args.identity]
-    return {
-        **{k: getattr(args, k) for k in keys},
-        "identities": identities,
-        "weights": restorer.loaded.record(),
-        "precision": str(restorer.loaded.dtype),
-    }
+    return {**{k: getattr(args, k) for k in keys}, "identities": identities, "weights": weights, "precision": precision}
 
 
 def _video_entry(restorer: Restorer, src: Path, dst: Path, args) -> dict:
@@ -364,6 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="skip the inputs an earlier run into the same folder with the same settings finished (its journal "
         "is in ~/.cache/dmdnet/runs; the default); --no-resume: restore every input again",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="restore the photos on a Ray cluster (auto: the one this machine belongs to; no ADDRESS: a Ray "
+        "started here); inputs and -o may be s3:// or gs:// URIs; photos only (videos: without --ray). "
+        "Needs the [ray] extra; see docs/scale.md",
+    )
+    p.add_argument(
+        "--ray-actors", type=int, help="model actors on Ray (default: one per GPU of the cluster, or one on CPU)"
     )
     p.set_defaults(func=cmd_restore)
 

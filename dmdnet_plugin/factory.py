@@ -46,6 +46,19 @@ def load_restorer(
         model = weights
     else:
         model = load_model(weights, device=device, precision=precision)
-    backend = shared_backend(detector, None if face_models is None else str(face_models), model.device.type)
-    helper = FaceHelper(backend, min_face=min_face, max_faces=max_faces, only_largest=only_largest)
+    helper = load_face_helper(detector, face_models, model.device.type, min_face, only_largest, max_faces)
     return Restorer(model, helper, identities, threshold=threshold, batch_size=batch_size, margin=margin)
+
+
+def load_face_helper(
+    detector: str = "auto",
+    face_models: str | Path | None = None,
+    device: str = "cpu",
+    min_face: int = MIN_FACE,
+    only_largest: bool = False,
+    max_faces: int | None = None,
+) -> FaceHelper:
+    """The face helper of :func:`load_restorer`, without a model: for a stage that only finds faces
+    (a cluster's detect actors). The backend is loaded once per process."""
+    backend = shared_backend(detector, None if face_models is None else str(face_models), device)
+    return FaceHelper(backend, min_face=min_face, max_faces=max_faces, only_largest=only_largest)

@@ -9,6 +9,7 @@ Every failure is an :class:`ImageError` whose message names the file and the pro
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def encode_image(pixels: np.ndarray, alpha: np.ndarray | None, suffix: str) -> b
     if not ok:
         raise ImageError(f"cannot encode image as {suffix}")
     return buf.tobytes()
+
+
+ImageWriter = Callable[[Path, np.ndarray, "np.ndarray | None"], object]  # write_image, or a cluster's filesystem
 
 
 def write_image(path: str | Path, pixels: np.ndarray, alpha: np.ndarray | None = None) -> Path:

@@ -23,7 +23,7 @@ from .colours import keep_colours as keep_colours_of
 from .damage import damaged_embedding
 from .face_helper import AlignedFace, Detection, FaceHelper
 from .identity import IdentityDictionary
-from .io import ImageError, Picture, read_image, to_uint8, write_image
+from .io import ImageError, ImageWriter, Picture, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
 from .tracking import CropSmoother, TrackedClip, TrackSummary, track_frames
@@ -307,8 +307,8 @@ class Restorer:
             for image in decided
         ]
 
+    @staticmethod
     def finish(
-        self,
         picture: Picture,
         detection: Detection,
         faces: tuple[FaceResult, ...],
@@ -318,7 +318,8 @@ class Restorer:
         smoother: CropSmoother | None = None,
     ) -> ImageResult:
         """The rest of a run for one picture, on the CPU: colours, smoothing over a clip (in frame
-        order), paste-back. Pictures are independent here, so a pipeline can finish them in threads."""
+        order), paste-back. Pictures are independent here and no model is needed, so a pipeline can
+        finish them in threads or on other machines (:mod:`cluster`)."""
         if keep_colours:
             faces = tuple(
                 f if f.restored is None else replace(f, restored=keep_colours_of(f.restored, f.crop)) for f in faces
@@ -330,7 +331,7 @@ class Restorer:
                 else replace(f, restored=smoother(f.face.track, f.restored))
                 for f in faces
             )
-        pixels, alpha = self.helper.paste(
+        pixels, alpha = FaceHelper.paste(
             picture, [(f.face, f.restored) for f in faces if f.restored is not None], upscale, strength
         )
         return ImageResult(pixels, alpha, faces, detection.skipped)
@@ -462,9 +463,10 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def save_faces(result: ImageResult, out_dir: Path, stem: str) -> None:
-    """GFPGAN's layout: cropped_faces/ and restored_faces/ beside the outputs."""
+def save_faces(result: ImageResult, out_dir: Path, stem: str, save: ImageWriter = write_image) -> None:
+    """GFPGAN's layout: cropped_faces/ and restored_faces/ beside the outputs (``save``: how a file is
+    written, :func:`write_image` or a cluster's filesystem)."""
     for i, f in enumerate(result.faces):
         for folder, crop in (("cropped_faces", f.crop), ("restored_faces", f.restored)):
             if crop is not None:
-                write_image(out_dir / folder / f"{stem}_{i:02d}.png", to_uint8(crop))
+                save(out_dir / folder / f"{stem}_{i:02d}.png", to_uint8(crop), None)

@@ -23,15 +23,24 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .face_helper import Detection, FaceHelper
-from .identity import IdentityError
-from .io import ImageError, Picture, read_image, refuse_overwrite, write_image
-from .pipeline import FRAMES_PER_RUN, Mode, Restorer, checked_mode, chunks, needs_embeddings, save_faces
+from .identity import IdentityDictionary, IdentityError
+from .io import ImageError, ImageWriter, Picture, read_image, refuse_overwrite, write_image
+from .pipeline import (
+    FRAMES_PER_RUN,
+    ImageResult,
+    Mode,
+    Restorer,
+    checked_mode,
+    chunks,
+    needs_embeddings,
+    save_faces,
+)
 from .runtime import cache_dir
 
 _LOCK = threading.Lock()
@@ -57,7 +66,9 @@ class StreamOptions:
     save_faces: bool = False
 
 
+Read = tuple[PhotoJob, Picture] | tuple[PhotoJob, Exception]
 Prepared = tuple[PhotoJob, Picture, Detection] | tuple[PhotoJob, Exception]
+Pasted = tuple[PhotoJob, ImageResult] | dict  # dict: the error entry of a photo that failed
 
 
 def error_entry(src: Path, error: Exception) -> dict:
@@ -88,46 +99,23 @@ class PhotoStream:
     def _prepare(self, job: PhotoJob) -> Prepared:
         """Read a photo and find its faces (in the calling thread, or in the one reader thread)."""
         with _timed(self.seconds, "read"):
-            return _read(job, self.restorer.helper, self.options.aligned, self.embed)
+            return self._find(job)
 
     def _timed_read(self, job: PhotoJob) -> tuple[Prepared, float]:
         start = time.perf_counter()
-        return _read(job, self.restorer.helper, self.options.aligned, self.embed), time.perf_counter() - start
+        return self._find(job), time.perf_counter() - start
 
-    def _finish(self, job: PhotoJob, picture: Picture, detection: Detection, faces: tuple) -> dict:
-        """Colours, paste-back and the atomic write of one photo; its report entry (thread-safe)."""
-        with _timed(self.seconds, "write"):
-            return self._write(job, picture, detection, faces)
-
-    def _write(self, job: PhotoJob, picture: Picture, detection: Detection, faces: tuple) -> dict:
-        o = self.options
-        try:
-            result = self.restorer.finish(picture, detection, faces, o.upscale, o.strength, o.keep_colours)
-            write_image(job.dst, result.pixels, result.alpha)
-            if o.save_faces:
-                save_faces(result, job.dst.parent, job.src.stem)
-        except Exception as exc:
-            return error_entry(job.src, exc)
-        entry = {
-            "input": str(job.src),
-            "output": str(job.dst),
-            "status": "ok" if result.faces else "no_face",
-            "error": None,
-            "faces": [f.record() for f in result.faces],
-        }
-        if result.skipped:
-            entry["skipped_faces"] = list(result.skipped)
-        return entry
+    def _find(self, job: PhotoJob) -> Prepared:
+        return find_faces(read_photo(job), self.restorer.helper, self.options.aligned, self.embed)
 
     def _restore_window(self, window: list[Prepared]) -> list[tuple[Prepared, tuple | None]]:
-        """The model stage: the faces of every good photo of the window, batched across them."""
-        good = [p for p in window if len(p) == 3]
-        try:
-            with _timed(self.seconds, "model"):
-                faces = iter(self.restorer.restore_faces([p[2] for p in good], self.mode, self.identities))
-        except Exception as exc:  # the model failed on this window: each of its photos is an error
-            return [((p[0], exc), None) if len(p) == 3 else (p, None) for p in window]
-        return [(p, next(faces) if len(p) == 3 else None) for p in window]
+        with _timed(self.seconds, "model"):
+            return restore_window(self.restorer, window, self.mode, self.identities)
+
+    def _completed(self, item: Prepared, faces: tuple | None) -> dict:
+        """Colours, paste-back and the atomic write of one photo; its report entry (thread-safe)."""
+        with _timed(self.seconds, "write"):
+            return write_photo(paste_photo(item, faces, self.options), self.options)
 
     # ------------------------------------------------------------------ runs
     def run(self, jobs: Iterable[PhotoJob], done: Callable[[dict], None] | None = None) -> Iterator[dict]:
@@ -159,9 +147,6 @@ class PhotoStream:
         with _LOCK:
             self.seconds["read"] += seconds
         return item
-
-    def _completed(self, item: Prepared, faces: tuple | None) -> dict:
-        return error_entry(item[0].src, item[1]) if faces is None else self._finish(*item, faces)
 
     def _run_inline(self, jobs: Iterable[PhotoJob], done: Callable[[dict], None] | None) -> Iterator[dict]:
         for window in chunks((self._prepare(job) for job in jobs), self.window):
@@ -205,14 +190,73 @@ class PhotoStream:
             yield entry
 
 
-def _read(job: PhotoJob, helper: FaceHelper, aligned: bool, embed: bool) -> Prepared:
-    """Read a photo and find its faces; a failure is returned, not raised: the batch goes on."""
+# The stages of a photo, shared by PhotoStream and the Ray Data operators (:mod:`cluster`). A failure
+# is passed on, not raised, so that the photo ends as one error entry and the batch goes on.
+def read_photo(job: PhotoJob, load: Callable[[Path], Picture] = read_image) -> Read:
+    """The photo of ``job`` (``load``: from a local file, or a cluster's filesystem)."""
     try:
         refuse_overwrite(job.src, job.dst)
-        picture = read_image(job.src)
+        return job, load(job.src)
+    except Exception as exc:
+        return job, exc
+
+
+def find_faces(item: Read, helper: FaceHelper, aligned: bool, embed: bool) -> Prepared:
+    """The faces of a photo read by :func:`read_photo`."""
+    job, picture = item
+    if isinstance(picture, Exception):
+        return item
+    try:
         return job, picture, helper.find([picture], aligned, embed=embed)[0]
     except Exception as exc:
         return job, exc
+
+
+def restore_window(
+    restorer: Restorer, window: Sequence[Prepared], mode: Mode, identities: Sequence[IdentityDictionary]
+) -> list[tuple[Prepared, tuple | None]]:
+    """The model stage: the faces of every good photo of a window, batched across them; if the model
+    fails, each of the window's photos is an error."""
+    good = [p for p in window if len(p) == 3]
+    try:
+        faces = iter(restorer.restore_faces([p[2] for p in good], mode, identities))
+    except Exception as exc:
+        return [((p[0], exc), None) if len(p) == 3 else (p, None) for p in window]
+    return [(p, next(faces) if len(p) == 3 else None) for p in window]
+
+
+def paste_photo(item: Prepared, faces: tuple | None, options: StreamOptions) -> Pasted:
+    """Colours and paste-back (no model: :meth:`Restorer.finish`), or the error entry of a failed photo."""
+    if faces is None:
+        return error_entry(item[0].src, item[1])
+    job, picture, detection = item
+    try:
+        return job, Restorer.finish(picture, detection, faces, options.upscale, options.strength, options.keep_colours)
+    except Exception as exc:
+        return error_entry(job.src, exc)
+
+
+def write_photo(pasted: Pasted, options: StreamOptions, save: ImageWriter = write_image) -> dict:
+    """Write a pasted photo atomically (``save``); its report entry."""
+    if isinstance(pasted, dict):
+        return pasted
+    job, result = pasted
+    try:
+        save(job.dst, result.pixels, result.alpha)
+        if options.save_faces:
+            save_faces(result, job.dst.parent, job.src.stem, save)
+    except Exception as exc:
+        return error_entry(job.src, exc)
+    entry = {
+        "input": str(job.src),
+        "output": str(job.dst),
+        "status": "ok" if result.faces else "no_face",
+        "error": None,
+        "faces": [f.record() for f in result.faces],
+    }
+    if result.skipped:
+        entry["skipped_faces"] = list(result.skipped)
+    return entry
 
 
 @contextlib.contextmanager
@@ -225,9 +269,10 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
             seconds[stage] += time.perf_counter() - start
 
 
-def journal_path(folder: Path) -> Path:
-    """Where the journal of the runs into ``folder`` is kept."""
-    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+def journal_path(folder: str | Path) -> Path:
+    """Where the journal of the runs into ``folder`` (a local folder or a URI) is kept."""
+    where = str(folder) if "://" in str(folder) else str(Path(folder).resolve())
+    key = hashlib.sha256(where.encode()).hexdigest()[:16]
     return cache_dir() / "runs" / f"{key}.jsonl"
 
 
@@ -238,8 +283,10 @@ class Journal:
     worst one partial last line, which is ignored. A journal of other settings is started afresh.
     """
 
-    def __init__(self, folder: Path, settings: dict, resume: bool = True) -> None:
-        self.folder, self.path = folder, journal_path(folder)
+    def __init__(
+        self, folder: str | Path, settings: dict, resume: bool = True, exists: Callable[[str], bool] = os.path.isfile
+    ) -> None:
+        self.folder, self.path, self.exists = Path(folder), journal_path(folder), exists
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.entries: dict[str, dict] = {}
         try:
@@ -254,10 +301,10 @@ class Journal:
             if record.get("settings") == self.key and isinstance(record.get("entry"), dict):
                 self.entries[record["entry"]["input"]] = record["entry"]
 
-    def finished(self, src: Path) -> dict | None:
-        """The entry of an input this run already finished, if its output is still there."""
+    def finished(self, src: str | Path) -> dict | None:
+        """The entry of an input this run already finished, if its output is still there (``exists``)."""
         entry = self.entries.get(str(src))
-        if entry is None or entry["status"] == "error" or not Path(entry["output"] or "").is_file():
+        if entry is None or entry["status"] == "error" or not self.exists(entry["output"] or ""):
             return None  # never done, failed (tried again), or its output is gone
         return entry
 

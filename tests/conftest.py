@@ -37,3 +37,11 @@ def small_net(seed: int = 0) -> DMDNet:
 @pytest.fixture(scope="session")
 def small() -> DMDNet:
     return small_net()
+
+
+@pytest.fixture(scope="session")
+def small_weights(tmp_path_factory) -> Path:
+    """:func:`small_net` as a checkpoint file, for runs through the CLI."""
+    from dmdnet_plugin.weights import save_checkpoint
+
+    return save_checkpoint(small_net(), tmp_path_factory.mktemp("small_weights") / "small.safetensors")

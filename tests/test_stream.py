@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-from conftest import DATA, small_net
+from conftest import small_net
+from photo_folders import PHOTOS, ROOT, folder, outputs, report
 
 from dmdnet_plugin.cli import main
 from dmdnet_plugin.face_helper import FaceHelper
@@ -20,43 +18,9 @@ from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.io import read_image
 from dmdnet_plugin.pipeline import Restorer
 from dmdnet_plugin.stream import PhotoJob, PhotoStream, StreamOptions, journal_path
-from dmdnet_plugin.weights import save_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = [
-    ROOT / "examples" / "photos" / "family.jpg",
-    ROOT / "examples" / "photos" / "obama_lowres.jpg",
-    DATA / "photos" / "family.jpg",
-    DATA / "celebref" / "00005" / "3.jpg",
-    DATA / "lq" / "00022_14.jpg",
-]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_checkpoint(small_net(), tmp_path_factory.mktemp("w") / "small.safetensors")
-
-
-def folder(tmp_path: Path, copies: int = 1) -> Path:
-    """Real photos (and a broken file), each ``copies`` times under its own name."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for k in range(copies):
-        for i, photo in enumerate(PHOTOS):
-            shutil.copy(photo, inputs / f"{k:02d}_{i}_{photo.name}")
-    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    return inputs
-
-
-def outputs(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def report(path: Path) -> list[dict]:
-    return [{**e, "output": e["output"] and Path(e["output"]).name} for e in json.loads(path.read_text())["files"]]
-
-
-def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(weights, tmp_path):
+def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(small_weights, tmp_path):
     """Threads around the model change when things happen, not what comes out (fp32)."""
     inputs = folder(tmp_path)
     runs = {}
@@ -69,7 +33,7 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(wei
                 "-o",
                 str(out),
                 "--weights",
-                str(weights),
+                str(small_weights),
                 "--precision",
                 "fp32",
                 "--workers",
@@ -100,7 +64,7 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(wei
     assert read_image(jobs[0].dst).size == read_image(jobs[0].src).size
 
 
-def test_a_killed_run_resumes_with_only_what_is_missing(weights, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_with_only_what_is_missing(small_weights, tmp_path, monkeypatch):
     """SIGKILL in the middle, the same command again: the finished outputs stay as they are, the rest
     is restored, nothing partial is left, and the one report covers every input."""
     inputs = folder(tmp_path, copies=4)
@@ -114,7 +78,7 @@ def test_a_killed_run_resumes_with_only_what_is_missing(weights, tmp_path, monke
         "-o",
         str(out),
         "--weights",
-        str(weights),
+        str(small_weights),
         "--report",
         str(rep),
     ]
