@@ -101,7 +101,7 @@ def main() -> None:
             PhotoStream(restorer, StreamOptions(), workers=workers or 0) as stream,
             tempfile.TemporaryDirectory() as warm,
         ):
-            if workers is not None:  # start the reader process (it imports torch) before the clock
+            if workers is not None:  # the threads and the model warmed up before the clock
                 list(stream.run([PhotoJob(photos[0], Path(warm) / photos[0].name)]))
             best = None
             for _ in range(args.repeat):

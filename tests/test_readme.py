@@ -26,3 +26,4 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["personal"].shape == (2, 3, 512, 512)
     assert (tmp_path / "grandma.safetensors").exists() and (tmp_path / "family_restored.jpg").exists()
     assert len(namespace["result"].faces) == 3
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["family.jpg", "obama_lowres.jpg"]
