@@ -12,6 +12,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from .atomic import atomic_path
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, Face, FaceBackend, landmark_path, shared_backend, write_landmarks
-from .factory import load_restorer
+from .factory import RestorerSpec
 from .identity import IdentityDictionary, IdentityError
 from .io import IMAGE_EXTENSIONS, ImageError, Picture, list_images, read_image, refuse_overwrite, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
@@ -57,11 +58,16 @@ def _detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-models", help="folder with facexlib RetinaFace weights (or $DMDNET_FACEXLIB_DIR)")
 
 
-def _restorer(args, identities: Sequence[IdentityDictionary] = (), **options) -> Restorer:
-    """The restorer for ``args`` (weights, device, precision, detector), saying which weights it runs."""
-    restorer = load_restorer(
-        args.weights, args.device, args.precision, args.detector, args.face_models, identities, **options
-    )
+def _spec(args) -> RestorerSpec:
+    """The restorer the options ask for (``restore`` has matching and face-selection options too)."""
+    options = ("threshold", "margin", "batch_size", "min_face", "only_largest")
+    extra = {k: getattr(args, k) for k in options if hasattr(args, k)}
+    return RestorerSpec(args.weights, args.precision, args.detector, args.face_models, **extra)
+
+
+def _restorer(args, identities: Sequence[IdentityDictionary] = ()) -> Restorer:
+    """The restorer for ``args``, saying which weights it runs."""
+    restorer = _spec(args).build(args.device, identities)
     tqdm.write(restorer.loaded.notice(), file=sys.stderr)
     return restorer
 
@@ -72,15 +78,7 @@ def cmd_restore(args) -> int:
     options = StreamOptions(args.mode, args.aligned, args.upscale, 1.0, args.keep_colours, args.save_faces)
     if args.ray is not None:
         return _restore_on_ray(args, identities, options)
-    restorer = _restorer(
-        args,
-        identities,
-        threshold=args.threshold,
-        margin=args.margin,
-        batch_size=args.batch_size,
-        min_face=args.min_face,
-        only_largest=args.only_largest,
-    )
+    restorer = _restorer(args, identities)
     out_dir = Path(args.output)
     files = [str(p) for p in list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)]
 
@@ -101,17 +99,7 @@ def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamO
     except ImportError as exc:
         raise CliError(f'--ray needs Ray Data: pip install "dmdnet-plugin[ray]" ({exc})') from None
     weights = find_weights(args.weights)
-    spec = cluster.RestorerSpec(
-        str(weights.path),
-        args.precision,
-        args.detector,
-        args.face_models,
-        args.threshold,
-        args.margin,
-        args.batch_size,
-        args.min_face,
-        args.only_largest,
-    )
+    spec = replace(_spec(args), weights=str(weights.path))  # resolved here, read on every node
     plan = cluster.RayPlan(restore_actors=args.ray_actors)
     try:
         source, target = cluster.Storage.open(args.inputs[0]), cluster.Storage.open(args.output)
@@ -119,7 +107,7 @@ def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamO
         tqdm.write(weights.notice(), file=sys.stderr)
 
         def restore(todo: list[str]) -> Iterator[dict]:
-            jobs = [cluster.PhotoJob(Path(paths[n]), Path(target.join(Path(paths[n]).name))) for n in todo]
+            jobs = [PhotoJob(Path(paths[n]), Path(target.join(Path(paths[n]).name))) for n in todo]
             return cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
 
         settings = {**_settings(args, weights.record(), args.precision), "engine": "ray"}
@@ -411,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="restore the photos on a Ray cluster (auto: the one this machine belongs to; no ADDRESS: a Ray "
-        "started here); inputs and -o may be s3:// or gs:// URIs; photos only (videos: without --ray). "
-        "Needs the [ray] extra; see docs/scale.md",
+        help="restore the photos on a Ray cluster (auto: the one this machine belongs to; no ADDRESS: "
+        "that one, else a Ray started here for the run); inputs and -o may be s3:// or gs:// URIs; "
+        "photos only (videos: without --ray). Needs the [ray] extra; see docs/scale.md",
     )
     p.add_argument(
         "--ray-actors", type=int, help="model actors on Ray (default: one per GPU of the cluster, or one on CPU)"

@@ -28,11 +28,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .face_helper import MIN_FACE
-from .factory import load_face_helper, load_restorer
+from .factory import RestorerSpec
 from .identity import IdentityDictionary
 from .io import IMAGE_EXTENSIONS, Picture, decode_image, encode_image, list_images, read_image, write_image
-from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import FRAMES_PER_RUN, checked_mode, chunks, needs_embeddings
 from .stream import PhotoJob, StreamOptions, find_faces, paste_photo, read_photo, restore_window, write_photo
 
@@ -124,22 +122,6 @@ class Storage:
 
 
 @dataclass(frozen=True)
-class RestorerSpec:
-    """What each restore actor passes to :func:`load_restorer` (and the detect actors to
-    :func:`load_face_helper`): a recipe, since a model is built where it runs, not shipped."""
-
-    weights: str | None = None
-    precision: str = "auto"
-    detector: str = "auto"
-    face_models: str | None = None
-    threshold: float = DEFAULT_THRESHOLD
-    margin: float = DEFAULT_MARGIN
-    batch_size: int = 4
-    min_face: int = MIN_FACE
-    only_largest: bool = False
-
-
-@dataclass(frozen=True)
 class RayPlan:
     """How the stages are spread. ``restore_actors``: None: one per GPU of the cluster (each with
     ``gpus_per_restore``), or one on CPU without GPUs. ``detect_actors``: the most detect actors
@@ -173,7 +155,7 @@ class _Detect:
     """Finds the faces of a window's photos (dlib or RetinaFace on CPU), once loaded per actor."""
 
     def __init__(self, spec: RestorerSpec, aligned: bool, embed: bool) -> None:
-        self.helper = load_face_helper(spec.detector, spec.face_models, "cpu", spec.min_face, spec.only_largest)
+        self.helper = spec.face_helper("cpu")
         self.aligned, self.embed = aligned, embed
 
     def __call__(self, batch: dict) -> dict:
@@ -186,20 +168,7 @@ class _Restore:
     def __init__(self, spec: RestorerSpec, identities: tuple[IdentityDictionary, ...], mode: str) -> None:
         import ray
 
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.restorer = load_restorer(
-            spec.weights,
-            device,
-            spec.precision,
-            spec.detector,
-            spec.face_models,
-            identities,
-            threshold=spec.threshold,
-            margin=spec.margin,
-            batch_size=spec.batch_size,
-            min_face=spec.min_face,
-            only_largest=spec.only_largest,
-        )
+        self.restorer = spec.build("cuda" if ray.get_gpu_ids() else "cpu", identities)
         self.mode = checked_mode(mode, identities)
 
     def __call__(self, batch: dict) -> dict:
@@ -237,8 +206,9 @@ def restore_on_ray(
     target: Storage | None = None,
     address: str | None = None,
 ) -> Iterator[dict]:
-    """Restore ``jobs`` on the Ray cluster at ``address`` (None: a Ray started on this machine, or the
-    one this process is connected to); the report entries as windows finish, in no set order.
+    """Restore ``jobs`` on the Ray cluster at ``address`` (None: Ray's rule: ``$RAY_ADDRESS``, the
+    cluster this machine runs, else one started for this process; ignored when this process is
+    already connected); the report entries as windows finish, in no set order.
 
     ``source`` and ``target``: where the jobs' paths are (default: local files).
     """

@@ -106,9 +106,12 @@ class FaceHelper:
             skipped.append({"box": [round(float(v), 1) for v in face.box], "reason": reason})
         return kept, skipped
 
-    def detect(self, rgb: np.ndarray, source_index: int = 0, embed: bool = True) -> Detection:
-        """Aligned faces of a float RGB image, and the faces left out with the reason."""
-        kept, skipped = self.select(to_uint8(rgb), embed)
+    def detect(
+        self, rgb: np.ndarray, source_index: int = 0, embed: bool = True, rgb8: np.ndarray | None = None
+    ) -> Detection:
+        """Aligned faces of a float RGB image, and the faces left out with the reason (``rgb8``: the
+        same image as uint8, when the caller has it: :meth:`Picture.rgb8` saves a conversion)."""
+        kept, skipped = self.select(to_uint8(rgb) if rgb8 is None else rgb8, embed)
         return Detection(tuple(self.align(rgb, face, source_index) for face in kept), tuple(skipped))
 
     def align_whole(self, rgb: np.ndarray, source_index: int = 0, embed: bool = True) -> AlignedFace:
@@ -139,7 +142,7 @@ class FaceHelper:
         ``embed``: with the faces' embeddings (for matching identities)."""
         if aligned:
             return [Detection((self.align_whole(p.rgb(), i, embed),)) for i, p in enumerate(pictures)]
-        return [self.detect(p.rgb(), i, embed) for i, p in enumerate(pictures)]
+        return [self.detect(p.rgb(), i, embed, p.rgb8()) for i, p in enumerate(pictures)]
 
     @staticmethod
     def masks(faces: Sequence[AlignedFace], sizes: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +39,14 @@ def _free_port() -> int:
 def ray_address(tmp_path_factory):
     """A Ray head with 2 CPUs on this machine, as `ray start` makes one; stopped after the module."""
     port, log = _free_port(), tmp_path_factory.mktemp("ray") / "head.log"
+    # its own session folder (a short path: Ray's sockets live there), so that the cluster file of
+    # /tmp/ray does not keep pointing at this head once it is gone
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60 clusters want their token from clients
     head = subprocess.Popen(
         [Path(sys.executable).with_name("ray"), "start", "--head", "--block", "--port", str(port)]
         + ["--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"]
-        + ["--object-store-memory", str(500 * 2**20), "--disable-usage-stats"],
+        + ["--object-store-memory", str(500 * 2**20), "--disable-usage-stats", "--temp-dir", temp],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its process group: the head and everything it started
@@ -54,6 +59,7 @@ def ray_address(tmp_path_factory):
     os.killpg(head.pid, signal.SIGKILL)  # its workers end with their raylet
     head.wait()
     os.environ.pop("RAY_AUTH_MODE")
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _command(inputs: str, out: Path, rep: Path, weights: Path, *extra: str) -> list[str]:
