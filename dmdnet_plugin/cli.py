@@ -111,20 +111,25 @@ def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamO
             return cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
 
         settings = {**_settings(args, weights.record(), args.precision), "engine": "ray"}
-        return _restore_all(args, list(paths), restore, settings, weights.record(), target)
+        return _restore_all(args, list(paths), restore, settings, weights.record(), target.exists)
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None
 
 
 def _restore_all(
-    args, files: list[str], restore: Callable[[list[str]], Iterable[dict]], settings: dict, weights: dict, target=None
+    args,
+    files: list[str],
+    restore: Callable[[list[str]], Iterable[dict]],
+    settings: dict,
+    weights: dict,
+    exists: Callable[[str], bool] = os.path.isfile,
 ) -> int:
     """Restore ``files`` (photos and videos, by name) into ``args.output`` with a journal: the inputs an
-    earlier run finished are kept, ``restore(the rest)`` yields the others' entries; then the report."""
+    earlier run finished (and whose output still ``exists``) are kept, ``restore(the rest)`` yields the
+    others' entries; then the report."""
     if not files:
         raise CliError("no input images or videos found")
     report: dict[str, dict] = {}
-    exists = os.path.isfile if target is None else target.exists
     with Journal(args.output, settings, resume=args.resume, exists=exists) as journal:
         for src in files:
             if (entry := journal.finished(src)) is not None:

@@ -31,7 +31,7 @@ import numpy as np
 from .factory import RestorerSpec
 from .identity import IdentityDictionary
 from .io import IMAGE_EXTENSIONS, Picture, decode_image, encode_image, list_images, read_image, write_image
-from .pipeline import FRAMES_PER_RUN, checked_mode, chunks, needs_embeddings
+from .pipeline import FRAMES_PER_RUN, Mode, checked_mode, chunks, needs_embeddings
 from .stream import PhotoJob, StreamOptions, find_faces, paste_photo, read_photo, restore_window, write_photo
 
 
@@ -74,6 +74,10 @@ class Storage:
         """How reports show a path of this storage: as given for local files, else as a URI."""
         return path if self.local else f"{self.scheme}://{path}"
 
+    def path(self, name: str) -> str:
+        """The filesystem's own path of ``name`` (a URI or a path), the inverse of :meth:`name`."""
+        return name if self.local else name.split("://", 1)[-1]
+
     def images(self, inputs: Sequence[str]) -> list[str]:
         """The photos of ``inputs`` (files, or folders searched recursively), sorted like the CLI's."""
         if self.local:
@@ -82,7 +86,7 @@ class Storage:
 
         found: list[str] = []
         for item in inputs:
-            root = str(item).split("://", 1)[-1]
+            root = self.path(str(item))
             info = self.fs.get_file_info(root)
             if info.type == pafs.FileType.Directory:
                 listed = self.fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -102,7 +106,7 @@ class Storage:
         """Whether a file is there (``name``: a path of this storage, or as :meth:`name` shows it)."""
         from pyarrow import fs as pafs
 
-        path = name.split("://", 1)[1] if not self.local and "://" in name else name
+        path = self.path(name)
         return bool(path) and self.fs.get_file_info(path).type == pafs.FileType.File
 
     def load(self, path: Path) -> Picture:
@@ -165,11 +169,11 @@ class _Detect:
 class _Restore:
     """Holds the model (on this actor's GPU, or CPU) and restores a window's faces in one batch."""
 
-    def __init__(self, spec: RestorerSpec, identities: tuple[IdentityDictionary, ...], mode: str) -> None:
+    def __init__(self, spec: RestorerSpec, identities: tuple[IdentityDictionary, ...], mode: Mode) -> None:
         import ray
 
         self.restorer = spec.build("cuda" if ray.get_gpu_ids() else "cpu", identities)
-        self.mode = checked_mode(mode, identities)
+        self.mode = mode  # checked by restore_on_ray
 
     def __call__(self, batch: dict) -> dict:
         identities = self.restorer.identities
@@ -229,10 +233,10 @@ def restore_on_ray(
     context.enable_fallback_to_arrow_object_ext_type = True  # rows are Python objects, on purpose
     for name, level in (("ray.data", logging.WARNING), ("ray.data._internal.progress", logging.ERROR)):
         logging.getLogger(name).setLevel(level)
-    gpus = ray.cluster_resources().get("GPU", 0) if plan.gpus_per_restore else 0
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0) if plan.gpus_per_restore else 0
     n_restore = plan.restore_actors or max(1, int(gpus // plan.gpus_per_restore) if gpus else 1)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    n_detect = plan.detect_actors or max(1, int((cpus - n_restore * plan.cpus_per_restore) // 1))
+    n_detect = plan.detect_actors or max(1, int(resources.get("CPU", 1) - n_restore * plan.cpus_per_restore))
     windows = [{"window": _Window(tuple(w))} for w in chunks(jobs, FRAMES_PER_RUN)]
     if not windows:
         return
@@ -248,7 +252,7 @@ def restore_on_ray(
     )
     ds = ds.map_batches(
         _Restore,
-        fn_constructor_kwargs={"spec": spec, "identities": identities, "mode": mode.value},
+        fn_constructor_kwargs={"spec": spec, "identities": identities, "mode": mode},
         compute=ray.data.ActorPoolStrategy(size=n_restore),
         batch_size=1,
         num_cpus=plan.cpus_per_restore,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dmdnet_plugin.cli"]  # the command line in its own process
 PHOTOS = [
     ROOT / "examples" / "photos" / "family.jpg",
     ROOT / "examples" / "photos" / "obama_lowres.jpg",
@@ -35,3 +37,8 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def report(path: Path) -> list[dict]:
     return [{**e, "output": e["output"] and Path(e["output"]).name} for e in json.loads(path.read_text())["files"]]
+
+
+def restore_args(inputs: str | Path, out: Path, rep: Path, weights: Path, *extra: str) -> list[str]:
+    """``dmdnet restore`` of a folder with a report (for :func:`dmdnet_plugin.cli.main`, or after CLI)."""
+    return ["restore", str(inputs), "-o", str(out), "--weights", str(weights), "--report", str(rep), *extra]

@@ -324,40 +324,19 @@ def test_output_never_overwrites_the_input(tmp_path, weights, capsys):
 
 def test_console_script_offline_runs_the_bundled_demo_and_says_so(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "DMDNET_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
-    dmdnet = [sys.executable, "-m", "dmdnet_plugin.cli"]
-    proc = subprocess.run(
-        dmdnet
-        + [
-            "restore",
-            str(DATA / "photos" / "family.jpg"),
-            "-o",
-            str(tmp_path / "o"),
-            "--report",
-            str(tmp_path / "r.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    photo, out = str(DATA / "photos" / "family.jpg"), str(tmp_path / "o")
+
+    def restore(*options: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "dmdnet_plugin.cli", "restore", photo, "-o", out, *options]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    proc = restore("--report", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     assert "dmdnet_demo.safetensors (bundled demo)" in proc.stderr and "dmdnet weights download" in proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["weights"]["origin"] == "bundled demo" and report["weights"]["demo"] is True
     assert report["files"][0]["status"] == "ok" and (tmp_path / "o" / "family.jpg").is_file()
-    proc = subprocess.run(
-        dmdnet
-        + [
-            "restore",
-            str(DATA / "photos" / "family.jpg"),
-            "-o",
-            str(tmp_path / "o"),
-            "--weights",
-            str(tmp_path / "nope.pth"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    proc = restore("--weights", str(tmp_path / "nope.pth"))
     assert proc.returncode == 2
     assert "nope.pth: weights file not found" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photo_folders import PHOTOS, ROOT, folder, outputs, report
+from photo_folders import CLI, PHOTOS, ROOT, folder, outputs, report, restore_args
 
 from dmdnet_plugin.cli import main
 from dmdnet_plugin.io import read_image
@@ -63,22 +63,7 @@ def ray_address(tmp_path_factory):
 
 
 def _command(inputs: str, out: Path, rep: Path, weights: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dmdnet_plugin.cli",
-        "restore",
-        inputs,
-        "-o",
-        str(out),
-        "--weights",
-        str(weights),
-        "--precision",
-        "fp32",
-        "--report",
-        str(rep),
-        *extra,
-    ]
+    return [*CLI, *restore_args(inputs, out, rep, weights, "--precision", "fp32", *extra)]
 
 
 def _processes(title: str) -> dict[int, str]:
@@ -98,7 +83,8 @@ def test_ray_gives_the_cli_pixels_and_report(small_weights, tmp_path, ray_addres
     """The same folder through `dmdnet restore` and through `--ray` (inputs and output as file://
     URIs, opened with pyarrow): the same bytes in every output, the same report."""
     inputs = folder(tmp_path)
-    plain = main(_command(str(inputs), tmp_path / "plain", tmp_path / "plain.json", small_weights)[3:])
+    fp32 = ("--precision", "fp32")
+    plain = main(restore_args(inputs, tmp_path / "plain", tmp_path / "plain.json", small_weights, *fp32))
     run = subprocess.run(
         _command(f"file://{inputs}", tmp_path / "ray", tmp_path / "ray.json", small_weights, "--ray", ray_address),
         cwd=ROOT,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from conftest import small_net
-from photo_folders import PHOTOS, ROOT, folder, outputs, report
+from photo_folders import CLI, PHOTOS, ROOT, folder, outputs, report, restore_args
 
 from dmdnet_plugin.cli import main
 from dmdnet_plugin.face_helper import FaceHelper
@@ -26,22 +25,7 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(sma
     runs = {}
     for workers in (0, 2):
         out, rep = tmp_path / f"out{workers}", tmp_path / f"r{workers}.json"
-        status = main(
-            [
-                "restore",
-                str(inputs),
-                "-o",
-                str(out),
-                "--weights",
-                str(small_weights),
-                "--precision",
-                "fp32",
-                "--workers",
-                str(workers),
-                "--report",
-                str(rep),
-            ]
-        )
+        status = main(restore_args(inputs, out, rep, small_weights, "--precision", "fp32", "--workers", str(workers)))
         assert status == 1  # the broken file; the rest went on
         runs[workers] = outputs(out), report(rep)
     assert runs[0] == runs[2]
@@ -69,19 +53,7 @@ def test_a_killed_run_resumes_with_only_what_is_missing(small_weights, tmp_path,
     is restored, nothing partial is left, and the one report covers every input."""
     inputs = folder(tmp_path, copies=4)
     out, rep = tmp_path / "out", tmp_path / "report.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dmdnet_plugin.cli",
-        "restore",
-        str(inputs),
-        "-o",
-        str(out),
-        "--weights",
-        str(small_weights),
-        "--report",
-        str(rep),
-    ]
+    cmd = [*CLI, *restore_args(inputs, out, rep, small_weights)]
     monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))  # the runs' journals; inherited by the runs
     first = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     journal = journal_path(out)
