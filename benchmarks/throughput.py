@@ -4,10 +4,11 @@ the streaming pipeline, in one run, on the same folder of real multi-face photos
     python benchmarks/throughput.py [--weights PATH] [--repeat 2] [--threads 2] [--ray] [PHOTOS ...]
 
 Default photos: ../shared/faces/whole, examples/photos and ../shared/faces/obama/raw_photos. Imports
-and model loading are excluded; each path runs ``--repeat`` times and the best run is kept. Columns:
-photos/s, faces/s, seconds in each stage (read and find faces; the model; colours, paste-back and
-writing) and the share of the wall time in which the model was working. The 0.3.0 path is kept here
-for the comparison: every face embedded and the colour low-pass at full size.
+and model loading are excluded; the paths take turns, ``--repeat`` rounds, and each keeps its best
+run. Columns: photos/s, faces/s, seconds in each stage (read and find faces; the model; colours,
+paste-back and writing) and the share of the wall time in which the model was working. The 0.3.0
+path is kept here for the comparison: every face embedded, the colour low-pass at full size and its
+paste-back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -25,9 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dmdnet_plugin.align import face_region  # noqa: E402
 from dmdnet_plugin.colours import SIGMA  # noqa: E402
+from dmdnet_plugin.face_helper import AlignedFace  # noqa: E402
 from dmdnet_plugin.factory import load_restorer  # noqa: E402
-from dmdnet_plugin.io import IMAGE_EXTENSIONS, list_images, read_image, write_image  # noqa: E402
+from dmdnet_plugin.io import IMAGE_EXTENSIONS, Picture, full_scale, list_images, read_image, write_image  # noqa: E402
 from dmdnet_plugin.pipeline import Mode, Restorer  # noqa: E402
 from dmdnet_plugin.stream import PhotoJob, PhotoStream, StreamOptions  # noqa: E402
 
@@ -35,9 +39,28 @@ SHARED = ROOT.parent / "shared" / "faces"
 DEFAULT = [SHARED / "whole", ROOT / "examples" / "photos", SHARED / "obama" / "raw_photos"]
 
 
+def paste_030(picture: Picture, restored: list[tuple[AlignedFace, np.ndarray]]) -> np.ndarray:
+    """0.3.0's paste-back: the same rectangles, blended through boolean indexing (the pixels the mask
+    reaches only), which today's dense blend does 2.5x faster to the same values."""
+    canvas = picture.pixels.copy()
+    scale = full_scale(canvas.dtype)
+    for face, crop in restored:
+        found = face_region(canvas, crop, face.matrix)
+        if found is None:
+            continue
+        region, new, mask = found
+        touched = mask > 0
+        m = mask[touched][:, None] if canvas.ndim == 3 else mask[touched]
+        blended = region[touched].astype(np.float32) / scale * (1 - m) + new[touched] * m
+        if canvas.dtype.kind != "f":
+            blended = np.round(np.clip(blended, 0, 1) * scale)
+        region[touched] = blended.astype(canvas.dtype)
+    return canvas
+
+
 def old_path(restorer: Restorer, photos: list[Path], out: Path) -> dict:
     """0.3.0's `dmdnet restore`: per photo, detect (embedding every face), restore, full-size colour
-    low-pass, paste, write."""
+    low-pass, 0.3.0's paste-back, write."""
     seconds = {"read": 0.0, "model": 0.0, "write": 0.0}
     faces = 0
     for src in photos:
@@ -51,8 +74,7 @@ def old_path(restorer: Restorer, photos: list[Path], out: Path) -> dict:
         for f in restored:
             low = cv2.GaussianBlur(f.restored, (0, 0), SIGMA) - cv2.GaussianBlur(f.crop, (0, 0), SIGMA)
             old.append((f.face, np.clip(f.restored - low, 0, 1).astype(np.float32)))
-        pixels, alpha = restorer.helper.paste(picture, old)
-        write_image(out / src.name, pixels, alpha)
+        write_image(out / src.name, paste_030(picture, old), picture.alpha)
         t3 = time.perf_counter()
         seconds["read"] += t1 - t0
         seconds["model"] += t2 - t1
@@ -61,10 +83,13 @@ def old_path(restorer: Restorer, photos: list[Path], out: Path) -> dict:
     return {"seconds": seconds, "faces": faces}
 
 
+def faces_in(entries: Iterable[dict]) -> int:
+    return sum(len(e.get("faces", [])) for e in entries)
+
+
 def new_path(stream: PhotoStream, photos: list[Path], out: Path) -> dict:
     stream.seconds = dict.fromkeys(stream.seconds, 0.0)
-    entries = list(stream.run([PhotoJob(src, out / src.name) for src in photos]))
-    return {"seconds": stream.seconds, "faces": sum(len(e.get("faces", [])) for e in entries)}
+    return {"seconds": stream.seconds, "faces": faces_in(stream.run([PhotoJob(src, out / src.name) for src in photos]))}
 
 
 def ray_path(photos: list[Path], out: Path, weights: str | None, precision: str) -> dict:
@@ -73,8 +98,7 @@ def ray_path(photos: list[Path], out: Path, weights: str | None, precision: str)
     from dmdnet_plugin.factory import RestorerSpec
 
     jobs = [PhotoJob(src, out / src.name) for src in photos]
-    entries = list(restore_on_ray(jobs, StreamOptions(), RestorerSpec(weights, precision)))
-    return {"seconds": None, "faces": sum(len(e.get("faces", [])) for e in entries)}
+    return {"seconds": None, "faces": faces_in(restore_on_ray(jobs, StreamOptions(), RestorerSpec(weights, precision)))}
 
 
 def main() -> None:
@@ -99,34 +123,36 @@ def main() -> None:
         for src in found:
             photos.append(copies / f"{k}_{src.name}")
             photos[-1].symlink_to(src.resolve())
-    rows = []
-    for label, precision, workers in (
+    paths = (
         ("0.3.0 path: one photo at a time", "fp32", None),
         ("stream, no threads (--workers 0)", "fp32", 0),
         ("stream (--workers 2)", "fp32", 2),
         ("0.3.0 path: one photo at a time", "auto", None),
         ("stream, no threads (--workers 0)", "auto", 0),
         ("stream (--workers 2)", "auto", 2),
-    ):
-        restorer = load_restorer(args.weights, device="cpu", precision=precision)
-        with (
-            PhotoStream(restorer, StreamOptions(), workers=workers or 0) as stream,
-            tempfile.TemporaryDirectory() as warm,
-        ):
-            if workers is not None:  # the threads and the model warmed up before the clock
-                list(stream.run([PhotoJob(photos[0], Path(warm) / photos[0].name)]))
-            best = None
-            for _ in range(args.repeat):
-                with tempfile.TemporaryDirectory() as out:
-                    start = time.perf_counter()
-                    measured = (
-                        old_path(restorer, photos, Path(out))
-                        if workers is None
-                        else new_path(stream, photos, Path(out))
-                    )
-                    measured["wall"] = time.perf_counter() - start
-                best = measured if best is None or measured["wall"] < best["wall"] else best
-        rows.append((label, str(restorer.loaded.dtype).removeprefix("torch."), best))
+    )
+    restorers = {p: load_restorer(args.weights, device="cpu", precision=p) for p in ("fp32", "auto")}
+    best: list[dict | None] = [None] * len(paths)
+    for _ in range(args.repeat):  # the paths take turns, so that a drift of the host's speed hits them all
+        for i, (_, precision, workers) in enumerate(paths):
+            restorer = restorers[precision]
+            with (
+                PhotoStream(restorer, StreamOptions(), workers=workers or 0) as stream,
+                tempfile.TemporaryDirectory() as warm,
+                tempfile.TemporaryDirectory() as out,
+            ):
+                if workers is not None:  # the threads and the model warmed up before the clock
+                    list(stream.run([PhotoJob(photos[0], Path(warm) / photos[0].name)]))
+                start = time.perf_counter()
+                measured = (
+                    old_path(restorer, photos, Path(out)) if workers is None else new_path(stream, photos, Path(out))
+                )
+                measured["wall"] = time.perf_counter() - start
+            best[i] = measured if best[i] is None or measured["wall"] < best[i]["wall"] else best[i]
+    rows = [
+        (label, str(restorers[precision].loaded.dtype).removeprefix("torch."), m)
+        for (label, precision, _), m in zip(paths, best)
+    ]
     if args.ray:
         import ray
 
@@ -144,7 +170,7 @@ def main() -> None:
     base = rows[0][2]["wall"]
     print(
         f"{len(photos)} photos ({len(found)} x {args.copies}), {rows[0][2]['faces']} faces; "
-        f"{restorer.loaded.notice().splitlines()[0]}; {args.threads} torch threads\n"
+        f"{restorers['fp32'].loaded.notice().splitlines()[0]}; {args.threads} torch threads\n"
     )
     print(
         "| path | precision | photos/s | faces/s | read + find faces, s | model, s | colours + paste + write, s "

@@ -3,7 +3,8 @@
 Photos go through three stages: read and find the faces (one thread: dlib is not thread-safe),
 restore the faces of a window of photos together (the model, in batches across the photos), then
 keep colours, paste back and write (threads). While the model restores one window, the threads
-read the next photos and write the last ones, so the model waits for neither. At most a few
+read the next photos and write the last ones, so the model waits for neither; on the CPU it
+leaves them a core each while they have work (:class:`CoreShare`). At most a few
 windows are held at once, whatever the folder's size. Batches are made from the photos in input
 order, ``window`` at a time, the same way with or without threads, so ``workers=0`` (one stage
 after the other, the reference path) gives the same pixels and report.
@@ -28,6 +29,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .face_helper import Detection, FaceHelper
 from .identity import IdentityDictionary, IdentityError
 from .io import ImageError, ImageWriter, Picture, read_image, refuse_overwrite, write_image
@@ -35,6 +38,7 @@ from .pipeline import (
     FRAMES_PER_RUN,
     ImageResult,
     Mode,
+    Progress,
     Restorer,
     checked_mode,
     chunks,
@@ -108,9 +112,11 @@ class PhotoStream:
     def _find(self, job: PhotoJob) -> Prepared:
         return find_faces(read_photo(job), self.restorer.helper, self.options.aligned, self.embed)
 
-    def _restore_window(self, window: list[Prepared]) -> list[tuple[Prepared, tuple | None]]:
+    def _restore_window(
+        self, window: list[Prepared], progress: Progress | None = None
+    ) -> list[tuple[Prepared, tuple | None]]:
         with _timed(self.seconds, "model"):
-            return restore_window(self.restorer, window, self.mode, self.identities)
+            return restore_window(self.restorer, window, self.mode, self.identities, progress)
 
     def _completed(self, item: Prepared, faces: tuple | None) -> dict:
         """Colours, paste-back and the atomic write of one photo; its report entry (thread-safe)."""
@@ -167,6 +173,11 @@ class PhotoStream:
         writing: deque[Future] = deque()  # photos being finished, in input order
         jobs = iter(jobs)
 
+        def busy() -> int:
+            """How many of the stage threads have work now (each wants a core)."""
+            writes = sum(not f.done() for f in writing)
+            return int(not all(f.done() for f in ahead)) + min(self.workers, writes)
+
         def prepared() -> Iterator[Prepared]:
             for job in jobs:
                 ahead.append(reader.submit(self._timed_read, job))
@@ -175,19 +186,46 @@ class PhotoStream:
             while ahead:
                 yield self._received(ahead.popleft())
 
-        for window in chunks(prepared(), self.window):
-            for item, faces in self._restore_window(window):
-                writing.append(writer.submit(self._completed, item, faces))
-            while len(writing) > self.window:  # bounded: finish the oldest while the model moves on
+        share = CoreShare(busy) if self.restorer.loaded.device.type == "cpu" else None
+        try:
+            for window in chunks(prepared(), self.window):
+                for item, faces in self._restore_window(window, share):
+                    writing.append(writer.submit(self._completed, item, faces))
+                while len(writing) > self.window:  # bounded: finish the oldest while the model moves on
+                    entry = writing.popleft().result()
+                    if done:
+                        done(entry)
+                    yield entry
+            while writing:
                 entry = writing.popleft().result()
                 if done:
                     done(entry)
                 yield entry
-        while writing:
-            entry = writing.popleft().result()
-            if done:
-                done(entry)
-            yield entry
+        finally:
+            if share:
+                share.restore()
+
+
+class CoreShare:
+    """On the CPU, the model leaves a core to each stage thread that has work, batch by batch.
+
+    torch's threads meet at the end of every operation, so one of them sharing a core with dlib
+    holds the model to that core's pace while the others wait on both cores: two threads with the
+    reader busy restored fewer photos per second than one (docs/speed.md). Called before each
+    batch (as the model's progress callback), it sets torch's threads to the machine's share left
+    by the busy stages, at least one; ``restore`` puts back the count it found. torch's thread
+    count is the process's, so two streams should not run at once in one process.
+    """
+
+    def __init__(self, busy: Callable[[], int]) -> None:
+        self.busy, self.cores = busy, torch.get_num_threads()
+        self()
+
+    def __call__(self, *_progress: int) -> None:
+        torch.set_num_threads(max(1, self.cores - self.busy()))
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.cores)
 
 
 # The stages of a photo, shared by PhotoStream and the Ray Data operators (:mod:`cluster`). A failure
@@ -213,13 +251,17 @@ def find_faces(item: Read, helper: FaceHelper, aligned: bool, embed: bool) -> Pr
 
 
 def restore_window(
-    restorer: Restorer, window: Sequence[Prepared], mode: Mode, identities: Sequence[IdentityDictionary]
+    restorer: Restorer,
+    window: Sequence[Prepared],
+    mode: Mode,
+    identities: Sequence[IdentityDictionary],
+    progress: Progress | None = None,
 ) -> list[tuple[Prepared, tuple | None]]:
     """The model stage: the faces of every good photo of a window, batched across them; if the model
-    fails, each of the window's photos is an error."""
+    fails, each of the window's photos is an error. ``progress``: called after each batch."""
     good = [p for p in window if len(p) == 3]
     try:
-        faces = iter(restorer.restore_faces([p[2] for p in good], mode, identities))
+        faces = iter(restorer.restore_faces([p[2] for p in good], mode, identities, progress))
     except Exception as exc:
         return [((p[0], exc), None) if len(p) == 3 else (p, None) for p in window]
     return [(p, next(faces) if len(p) == 3 else None) for p in window]

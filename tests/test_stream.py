@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
 from conftest import small_net
 from photo_folders import CLI, PHOTOS, ROOT, folder, outputs, report, restore_args
 
@@ -16,7 +17,7 @@ from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.io import read_image
 from dmdnet_plugin.pipeline import Restorer
-from dmdnet_plugin.stream import PhotoJob, PhotoStream, StreamOptions, journal_path
+from dmdnet_plugin.stream import CoreShare, PhotoJob, PhotoStream, StreamOptions, journal_path
 
 
 def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(small_weights, tmp_path):
@@ -37,15 +38,37 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(sma
     restorer = Restorer(small_net(), FaceHelper(DlibBackend("hog")))
     jobs = [PhotoJob(p, tmp_path / "api" / f"{w}" / p.name) for w in (0, 2) for p in sorted(inputs.iterdir())]
     half = len(jobs) // 2
+    threads = torch.get_num_threads()
     by = {
         w: list(PhotoStream(restorer, StreamOptions(), workers=w, window=2).run(jobs[i : i + half]))
         for w, i in ((0, 0), (2, half))
     }
+    assert torch.get_num_threads() == threads  # the cores the stages had are the model's again
     for a, b in zip(by[0], by[2]):
         assert {**a, "output": None} == {**b, "output": None}
         if a["output"]:
             assert Path(a["output"]).read_bytes() == Path(b["output"]).read_bytes()
     assert read_image(jobs[0].dst).size == read_image(jobs[0].src).size
+
+
+def test_the_model_leaves_a_core_to_each_busy_stage_batch_by_batch():
+    """torch's threads meet after every op: with the reader on one of their cores, the model would
+    run at that core's pace on all of them, so it gives each busy stage a core until it is idle."""
+    threads, busy = torch.get_num_threads(), 0
+    try:
+        torch.set_num_threads(4)
+        share = CoreShare(lambda: busy)
+        assert torch.get_num_threads() == 4  # nothing busy: all four
+        busy = 1
+        share(4, 12)  # called as the model's progress, after each batch
+        assert torch.get_num_threads() == 3
+        busy = 6
+        share(8, 12)
+        assert torch.get_num_threads() == 1  # never fewer than one
+        share.restore()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_killed_run_resumes_with_only_what_is_missing(small_weights, tmp_path, monkeypatch):
