@@ -6,12 +6,12 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 from conftest import DATA, small_net
+from photo_folders import CLI
 from PIL import Image
 
 from dmdnet_plugin.align import CROP_MASK, paste_face
@@ -327,7 +327,7 @@ def test_console_script_offline_runs_the_bundled_demo_and_says_so(tmp_path):
     photo, out = str(DATA / "photos" / "family.jpg"), str(tmp_path / "o")
 
     def restore(*options: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "dmdnet_plugin.cli", "restore", photo, "-o", out, *options]
+        command = [*CLI, "restore", photo, "-o", out, *options]
         return subprocess.run(command, capture_output=True, text=True, env=env)
 
     proc = restore("--report", str(tmp_path / "r.json"))
