@@ -26,7 +26,7 @@ from .io import IMAGE_EXTENSIONS, ImageError, Picture, list_images, read_image, 
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import ClipStatus, Mode, Restorer, checked_mode
 from .runtime import PRECISIONS
-from .stream import Journal, PhotoJob, PhotoStream, StreamOptions, error_entry
+from .stream import Done, Journal, PhotoJob, PhotoStream, StreamOptions, error_entry
 from .video import VIDEO_EXTENSIONS, VideoError, is_video, restore_video
 from .weights import OFFICIAL_URL, URL_ENV, WeightsError, cache_dir, convert, download_official, find_weights
 
@@ -82,9 +82,10 @@ def cmd_restore(args) -> int:
     out_dir = Path(args.output)
     files = [str(p) for p in list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)]
 
-    def restore(todo: list[str]) -> Iterator[dict]:
+    def restore(todo: list[str], done: Done) -> Iterator[dict]:
         with PhotoStream(restorer, options, args.workers) as stream:
-            yield from stream.run(PhotoJob(Path(src), out_dir / Path(src).name) for src in todo if not is_video(src))
+            jobs = (PhotoJob(Path(src), out_dir / Path(src).name) for src in todo if not is_video(src))
+            yield from stream.run(jobs, done)
         for src in (Path(src) for src in todo if is_video(src)):
             yield _video_entry(restorer, src, out_dir / src.name, args)
 
@@ -106,7 +107,7 @@ def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamO
         paths = {source.name(p): p for p in source.images(args.inputs)}
         tqdm.write(weights.notice(), file=sys.stderr)
 
-        def restore(todo: list[str]) -> Iterator[dict]:
+        def restore(todo: list[str], _done: Done) -> Iterator[dict]:  # entries come back once written
             jobs = [PhotoJob(Path(paths[n]), Path(target.join(Path(paths[n]).name))) for n in todo]
             return cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
 
@@ -119,14 +120,14 @@ def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamO
 def _restore_all(
     args,
     files: list[str],
-    restore: Callable[[list[str]], Iterable[dict]],
+    restore: Callable[[list[str], Done], Iterable[dict]],
     settings: dict,
     weights: dict,
     exists: Callable[[str], bool] = os.path.isfile,
 ) -> int:
     """Restore ``files`` (photos and videos, by name) into ``args.output`` with a journal: the inputs an
-    earlier run finished (and whose output still ``exists``) are kept, ``restore(the rest)`` yields the
-    others' entries; then the report."""
+    earlier run finished (and whose output still ``exists``) are kept, ``restore(the rest, done)`` yields
+    the others' entries (and may call ``done(entry)`` sooner: as each output is written); then the report."""
     if not files:
         raise CliError("no input images or videos found")
     report: dict[str, dict] = {}
@@ -144,7 +145,7 @@ def _restore_all(
         with tqdm(
             total=len(todo), desc="restoring", unit="file", disable=len(todo) < 2 or not sys.stderr.isatty()
         ) as bar:
-            for entry in restore(todo):
+            for entry in restore(todo, journal.add):
                 if entry["error"]:
                     _error(entry["error"])
                 journal.add(entry)

@@ -10,8 +10,8 @@ order, ``window`` at a time, the same way with or without threads, so ``workers=
 after the other, the reference path) gives the same pixels and report.
 
 A run keeps a journal (``journal_path``: in the cache folder, one per output folder, so the output
-folder holds only outputs): one line per finished input, written after the output itself
-(outputs are written atomically). Started again with the same settings, after a
+folder holds only outputs): one line per finished input, written by the thread that wrote the
+output, right after it (outputs are written atomically). Started again with the same settings, after a
 crash or a kill, it restores only the inputs the journal lacks and ends with one report of all.
 """
 
@@ -73,6 +73,7 @@ class StreamOptions:
 Read = tuple[PhotoJob, Picture] | tuple[PhotoJob, Exception]
 Prepared = tuple[PhotoJob, Picture, Detection] | tuple[PhotoJob, Exception]
 Pasted = tuple[PhotoJob, ImageResult] | dict  # dict: the error entry of a photo that failed
+Done = Callable[[dict], None]  # told of each report entry as soon as its output is written
 
 
 def error_entry(src: Path, error: Exception) -> dict:
@@ -118,14 +119,21 @@ class PhotoStream:
         with _timed(self.seconds, "model"):
             return restore_window(self.restorer, window, self.mode, self.identities, progress)
 
-    def _completed(self, item: Prepared, faces: tuple | None) -> dict:
-        """Colours, paste-back and the atomic write of one photo; its report entry (thread-safe)."""
+    def _completed(self, item: Prepared, faces: tuple | None, done: Done | None) -> dict:
+        """Colours, paste-back and the atomic write of one photo, then ``done(entry)`` (thread-safe)."""
         with _timed(self.seconds, "write"):
-            return write_photo(paste_photo(item, faces, self.options), self.options)
+            entry = write_photo(paste_photo(item, faces, self.options), self.options)
+        if done:
+            done(entry)
+        return entry
 
     # ------------------------------------------------------------------ runs
-    def run(self, jobs: Iterable[PhotoJob], done: Callable[[dict], None] | None = None) -> Iterator[dict]:
-        """Report entries, in input order, as the photos are written; ``done(entry)`` right after each."""
+    def run(self, jobs: Iterable[PhotoJob], done: Done | None = None) -> Iterator[dict]:
+        """Report entries, in input order, as the photos are written.
+
+        ``done(entry)`` is called as each output is written, in the thread that wrote it (so from two
+        threads at once): the entries come out in order, a window or so after their outputs, and a
+        journal kept at that pace would miss outputs a kill left whole."""
         if self.workers == 0:
             yield from self._run_inline(jobs, done)
             return
@@ -154,20 +162,17 @@ class PhotoStream:
             self.seconds["read"] += seconds
         return item
 
-    def _run_inline(self, jobs: Iterable[PhotoJob], done: Callable[[dict], None] | None) -> Iterator[dict]:
+    def _run_inline(self, jobs: Iterable[PhotoJob], done: Done | None) -> Iterator[dict]:
         for window in chunks((self._prepare(job) for job in jobs), self.window):
             for item, faces in self._restore_window(window):
-                entry = self._completed(item, faces)
-                if done:
-                    done(entry)
-                yield entry
+                yield self._completed(item, faces, done)
 
     def _run_overlapped(
         self,
         jobs: Iterable[PhotoJob],
         reader: ThreadPoolExecutor,
         writer: ThreadPoolExecutor,
-        done: Callable[[dict], None] | None,
+        done: Done | None,
     ) -> Iterator[dict]:
         ahead: deque[Future] = deque()  # photos being read: at most two windows ahead of the model
         writing: deque[Future] = deque()  # photos being finished, in input order
@@ -190,17 +195,11 @@ class PhotoStream:
         try:
             for window in chunks(prepared(), self.window):
                 for item, faces in self._restore_window(window, share):
-                    writing.append(writer.submit(self._completed, item, faces))
+                    writing.append(writer.submit(self._completed, item, faces, done))
                 while len(writing) > self.window:  # bounded: finish the oldest while the model moves on
-                    entry = writing.popleft().result()
-                    if done:
-                        done(entry)
-                    yield entry
+                    yield writing.popleft().result()
             while writing:
-                entry = writing.popleft().result()
-                if done:
-                    done(entry)
-                yield entry
+                yield writing.popleft().result()
         finally:
             if share:
                 share.restore()
@@ -331,6 +330,7 @@ class Journal:
         self.folder, self.path, self.exists = Path(folder), journal_path(folder), exists
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.entries: dict[str, dict] = {}
+        self._lock = threading.Lock()
         try:
             lines = self.path.read_text().splitlines() if resume else []
         except OSError:
@@ -362,10 +362,15 @@ class Journal:
         return self
 
     def add(self, entry: dict) -> None:
-        self.entries[entry["input"]] = entry
-        self._file.write(json.dumps({"settings": self.key, "entry": entry}) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Record a finished input (from any thread); an entry already recorded is not written twice,
+        so a caller may add each entry as it is yielded after an engine added it on writing."""
+        with self._lock:
+            if self.entries.get(entry["input"]) is entry:
+                return
+            self.entries[entry["input"]] = entry
+            self._file.write(json.dumps({"settings": self.key, "entry": entry}) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def __exit__(self, *exc) -> None:
         self._file.close()

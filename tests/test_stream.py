@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -38,12 +40,13 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(sma
     restorer = Restorer(small_net(), FaceHelper(DlibBackend("hog")))
     jobs = [PhotoJob(p, tmp_path / "api" / f"{w}" / p.name) for w in (0, 2) for p in sorted(inputs.iterdir())]
     half = len(jobs) // 2
-    threads = torch.get_num_threads()
+    threads, told = torch.get_num_threads(), []
     by = {
-        w: list(PhotoStream(restorer, StreamOptions(), workers=w, window=2).run(jobs[i : i + half]))
+        w: list(PhotoStream(restorer, StreamOptions(), workers=w, window=2).run(jobs[i : i + half], told.append))
         for w, i in ((0, 0), (2, half))
     }
     assert torch.get_num_threads() == threads  # the cores the stages had are the model's again
+    assert sorted(map(id, told)) == sorted(id(e) for e in by[0] + by[2])  # done(entry): each entry, once
     for a, b in zip(by[0], by[2]):
         assert {**a, "output": None} == {**b, "output": None}
         if a["output"]:
@@ -71,9 +74,26 @@ def test_the_model_leaves_a_core_to_each_busy_stage_batch_by_batch():
         torch.set_num_threads(threads)
 
 
+def _written(out: Path) -> set[str]:
+    """The outputs in ``out`` (written whole, then renamed: a name without a dot is a whole file)."""
+    return {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.is_dir() else set()
+
+
+def _journaled(journal: Path) -> list[dict]:
+    """The entries in a journal, but for a last line a kill cut short."""
+    entries = []
+    for line in journal.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            entries.append(json.loads(line)["entry"])
+    return entries
+
+
 def test_a_killed_run_resumes_with_only_what_is_missing(small_weights, tmp_path, monkeypatch):
     """SIGKILL in the middle, the same command again: the finished outputs stay as they are, the rest
-    is restored, nothing partial is left, and the one report covers every input."""
+    is restored, nothing partial is left, and the one report covers every input.
+
+    Each output is journaled by the thread that wrote it, right after: at the kill, at most the
+    writes then in flight (one per writer thread) are whole but not yet in the journal."""
     inputs = folder(tmp_path, copies=4)
     out, rep = tmp_path / "out", tmp_path / "report.json"
     cmd = [*CLI, *restore_args(inputs, out, rep, small_weights)]
@@ -81,16 +101,19 @@ def test_a_killed_run_resumes_with_only_what_is_missing(small_weights, tmp_path,
     first = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     journal = journal_path(out)
     deadline = time.monotonic() + 300
-    while not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
+    while len(_written(out)) < 12:  # most of the second window written; the third being restored
         assert first.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
-    for name in kept:  # every output there is whole
+    whole = _written(out)
+    for name in whole:  # every output there is whole
         assert read_image(out / name).size == read_image(inputs / name).size
+    journaled = {Path(e["output"]).name for e in _journaled(journal) if e["status"] != "error"}
+    assert journaled and journaled <= whole and len(whole - journaled) <= 2  # one write in flight per writer
+    kept = {name: (out / name).stat().st_mtime_ns for name in journaled}
     total = len(PHOTOS) * 4 + 1
-    assert 0 < len(kept) < total - 1 and not rep.exists()
+    assert len(whole) < total - 1 and not rep.exists()
 
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 1, second.stderr[-2000:]  # the broken file, again
