@@ -87,7 +87,9 @@ def cmd_restore(args) -> int:
             jobs = (PhotoJob(Path(src), out_dir / Path(src).name) for src in todo if not is_video(src))
             yield from stream.run(jobs, done)
         for src in (Path(src) for src in todo if is_video(src)):
-            yield _video_entry(restorer, src, out_dir / src.name, args)
+            entry = _video_entry(restorer, src, out_dir / src.name, args)
+            done(entry)
+            yield entry
 
     settings = _settings(args, restorer.loaded.record(), str(restorer.loaded.dtype))
     return _restore_all(args, files, restore, settings, restorer.loaded.record())
@@ -107,9 +109,12 @@ def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamO
         paths = {source.name(p): p for p in source.images(args.inputs)}
         tqdm.write(weights.notice(), file=sys.stderr)
 
-        def restore(todo: list[str], _done: Done) -> Iterator[dict]:  # entries come back once written
+        def restore(todo: list[str], done: Done) -> Iterator[dict]:
             jobs = [PhotoJob(Path(paths[n]), Path(target.join(Path(paths[n]).name))) for n in todo]
-            return cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
+            entries = cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
+            for entry in entries:
+                done(entry)  # the workers wrote its output before the entry came back
+                yield entry
 
         settings = {**_settings(args, weights.record(), args.precision), "engine": "ray"}
         return _restore_all(args, list(paths), restore, settings, weights.record(), target.exists)
@@ -127,7 +132,8 @@ def _restore_all(
 ) -> int:
     """Restore ``files`` (photos and videos, by name) into ``args.output`` with a journal: the inputs an
     earlier run finished (and whose output still ``exists``) are kept, ``restore(the rest, done)`` yields
-    the others' entries (and may call ``done(entry)`` sooner: as each output is written); then the report."""
+    the others' entries and calls ``done(entry)`` (the journal) as soon as each output is written; then
+    the report."""
     if not files:
         raise CliError("no input images or videos found")
     report: dict[str, dict] = {}
@@ -148,7 +154,6 @@ def _restore_all(
             for entry in restore(todo, journal.add):
                 if entry["error"]:
                     _error(entry["error"])
-                journal.add(entry)
                 bar.update()
                 report[entry["input"]] = entry
     entries = [report[src] for src in files]

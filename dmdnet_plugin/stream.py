@@ -362,11 +362,8 @@ class Journal:
         return self
 
     def add(self, entry: dict) -> None:
-        """Record a finished input (from any thread); an entry already recorded is not written twice,
-        so a caller may add each entry as it is yielded after an engine added it on writing."""
+        """Record a finished input (from any thread: the stream's writers call it)."""
         with self._lock:
-            if self.entries.get(entry["input"]) is entry:
-                return
             self.entries[entry["input"]] = entry
             self._file.write(json.dumps({"settings": self.key, "entry": entry}) + "\n")
             self._file.flush()

@@ -50,26 +50,15 @@ def streams(path) -> dict:
         }
 
 
-def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama):
+def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama, capsys):
     frames, _ = make_clip(read_image(STILL).rgb8(), 8, damage=lambda f: f)
     clip = tmp_path / "clip.mp4"
     write_clip(frames, clip)
     obama.save(tmp_path / "obama.safetensors")
     before = clip.read_bytes()
-    code = main(
-        [
-            "restore",
-            str(clip),
-            "-o",
-            str(tmp_path / "out"),
-            "--identity",
-            str(tmp_path / "obama.safetensors"),
-            "--weights",
-            str(BUNDLED),
-            "--report",
-            str(tmp_path / "r.json"),
-        ]
-    )
+    command = ["restore", str(clip), "-o", str(tmp_path / "out"), "--identity", str(tmp_path / "obama.safetensors")]
+    command += ["--weights", str(BUNDLED), "--report", str(tmp_path / "r.json")]
+    code = main(command)
     assert code == 0 and clip.read_bytes() == before
     src, out = streams(clip), streams(tmp_path / "out" / "clip.mp4")
     assert len(out["frames"]) == 8 and out["rate"] == src["rate"] == 25 and out["size"] == src["size"] == (386, 232)
@@ -85,6 +74,11 @@ def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama):
     face = (slice(40, 150), slice(150, 260))  # the face moved by at most 2 px
     changed = np.abs(out["frames"][4][face].astype(int) - src["frames"][4][face]).mean()
     assert changed > 2, "the face was not restored"
+
+    written = (tmp_path / "out" / "clip.mp4").stat().st_mtime_ns  # journaled: the same command keeps it
+    capsys.readouterr()
+    assert main(command) == 0 and (tmp_path / "out" / "clip.mp4").stat().st_mtime_ns == written
+    assert "1 of 1 inputs already restored by an earlier run" in capsys.readouterr().err
 
 
 def test_phone_videos_are_restored_upright_and_keep_their_rotation(tmp_path):
