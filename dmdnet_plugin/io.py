@@ -39,6 +39,15 @@ class ImageError(ValueError):
     """An input that cannot be used as a photo."""
 
 
+def check_pixels(width: int, height: int, name: str) -> None:
+    """The one size rule for every picture, photo or video frame, on every surface: refuse one larger
+    than :data:`MAX_PIXELS` (checked from a header, before decoding) or smaller than :data:`MIN_SIDE`."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: image is {width}x{height} pixels, more than the limit of {MAX_PIXELS}")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{name}: image is {width}x{height} pixels, too small to hold a face")
+
+
 @dataclass(frozen=True)
 class Picture:
     """A photo: ``pixels`` exactly as stored (HxW or HxWx3, RGB order), uint8, uint16, or float32
