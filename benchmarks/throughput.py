@@ -30,10 +30,12 @@ sys.path.insert(0, str(ROOT))
 from dmdnet_plugin.align import face_region  # noqa: E402
 from dmdnet_plugin.colours import SIGMA  # noqa: E402
 from dmdnet_plugin.face_helper import AlignedFace  # noqa: E402
-from dmdnet_plugin.factory import load_restorer  # noqa: E402
 from dmdnet_plugin.io import IMAGE_EXTENSIONS, Picture, full_scale, list_images, read_image, write_image  # noqa: E402
+from dmdnet_plugin.outputs import Job  # noqa: E402
 from dmdnet_plugin.pipeline import Mode, Restorer  # noqa: E402
-from dmdnet_plugin.stream import PhotoJob, PhotoStream, StreamOptions  # noqa: E402
+from dmdnet_plugin.report import Entry  # noqa: E402
+from dmdnet_plugin.settings import RunSettings  # noqa: E402
+from dmdnet_plugin.stream import PhotoStream  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "faces"
 DEFAULT = [SHARED / "whole", ROOT / "examples" / "photos", SHARED / "obama" / "raw_photos"]
@@ -83,22 +85,22 @@ def old_path(restorer: Restorer, photos: list[Path], out: Path) -> dict:
     return {"seconds": seconds, "faces": faces}
 
 
-def faces_in(entries: Iterable[dict]) -> int:
-    return sum(len(e.get("faces", [])) for e in entries)
+def faces_in(entries: Iterable[Entry]) -> int:
+    return sum(len(e.faces) for e in entries)
 
 
 def new_path(stream: PhotoStream, photos: list[Path], out: Path) -> dict:
     stream.seconds = dict.fromkeys(stream.seconds, 0.0)
-    return {"seconds": stream.seconds, "faces": faces_in(stream.run([PhotoJob(src, out / src.name) for src in photos]))}
+    jobs = [Job(str(src), str(out / src.name)) for src in photos]
+    return {"seconds": stream.seconds, "faces": faces_in(stream.run(jobs))}
 
 
-def ray_path(photos: list[Path], out: Path, weights: str | None, precision: str) -> dict:
+def ray_path(photos: list[Path], out: Path, settings: RunSettings) -> dict:
     """`dmdnet restore --ray` on a Ray started here: its actors' start (model loading) is included."""
     from dmdnet_plugin.cluster import restore_on_ray
-    from dmdnet_plugin.factory import RestorerSpec
 
-    jobs = [PhotoJob(src, out / src.name) for src in photos]
-    return {"seconds": None, "faces": faces_in(restore_on_ray(jobs, StreamOptions(), RestorerSpec(weights, precision)))}
+    jobs = [Job(str(src), str(out / src.name)) for src in photos]
+    return {"seconds": None, "faces": faces_in(restore_on_ray(jobs, settings))}
 
 
 def main() -> None:
@@ -131,18 +133,19 @@ def main() -> None:
         ("stream, no threads (--workers 0)", "auto", 0),
         ("stream (--workers 2)", "auto", 2),
     )
-    restorers = {p: load_restorer(args.weights, device="cpu", precision=p) for p in ("fp32", "auto")}
+    settings = {p: RunSettings.create(args.weights, "cpu", p) for p in ("fp32", "auto")}
+    restorers = {p: settings[p].restorer() for p in settings}
     best: list[dict | None] = [None] * len(paths)
     for _ in range(args.repeat):  # the paths take turns, so that a drift of the host's speed hits them all
         for i, (_, precision, workers) in enumerate(paths):
             restorer = restorers[precision]
             with (
-                PhotoStream(restorer, StreamOptions(), workers=workers or 0) as stream,
+                PhotoStream(restorer, settings[precision], workers=workers or 0) as stream,
                 tempfile.TemporaryDirectory() as warm,
                 tempfile.TemporaryDirectory() as out,
             ):
                 if workers is not None:  # the threads and the model warmed up before the clock
-                    list(stream.run([PhotoJob(photos[0], Path(warm) / photos[0].name)]))
+                    list(stream.run([Job(str(photos[0]), str(Path(warm) / photos[0].name))]))
                 start = time.perf_counter()
                 measured = (
                     old_path(restorer, photos, Path(out)) if workers is None else new_path(stream, photos, Path(out))
@@ -162,7 +165,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 with tempfile.TemporaryDirectory() as out:
                     start = time.perf_counter()
-                    measured = ray_path(photos, Path(out), args.weights, precision)
+                    measured = ray_path(photos, Path(out), settings[precision])
                     measured["wall"] = time.perf_counter() - start
                 best = measured if best is None or measured["wall"] < best["wall"] else best
             dtype = rows[0 if precision == "fp32" else 3][1]  # what the same precision ran in above

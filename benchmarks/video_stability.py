@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dmdnet_plugin.clips import restore_clip  # noqa: E402
 from dmdnet_plugin.face_helper import FaceHelper  # noqa: E402
 from dmdnet_plugin.io import Picture, read_image  # noqa: E402
 from dmdnet_plugin.pipeline import ImageResult, Restorer  # noqa: E402
@@ -164,8 +165,8 @@ def measure(restorer: Restorer, clip: Clip, count: int) -> dict:
             region,
         ),
     }
-    per_frame = list(restorer.run_clip(lambda: iter(pictures), identities=identities, temporal=False).results)
-    tracked_clip = restorer.run_clip(lambda: iter(pictures), identities=identities, rate=25.0)
+    per_frame = list(restore_clip(restorer, lambda: iter(pictures), identities=identities, temporal=False).results)
+    tracked_clip = restore_clip(restorer, lambda: iter(pictures), identities=identities, rate=25.0)
     tracked = list(tracked_clip.results)
     rows["per-frame"] = flicker([r.pixels for r in per_frame], motions, region)
     rows["tracked"] = flicker([r.pixels for r in tracked], motions, region)

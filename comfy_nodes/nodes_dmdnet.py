@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from comfy_api.latest import ComfyExtension, io
 
+from dmdnet_plugin.clips import ClipStatus, restore_clip
 from dmdnet_plugin.components import CROP_SIZE
 from dmdnet_plugin.face_helper import MIN_FACE, AlignedFace, Detection, FaceHelper
 from dmdnet_plugin.faces import DETECTORS, shared_backend
 from dmdnet_plugin.factory import load_restorer
 from dmdnet_plugin.identity import IdentityDictionary, identity_file
-from dmdnet_plugin.io import Picture
+from dmdnet_plugin.io import Picture, check_pixels
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
-from dmdnet_plugin.pipeline import ClipStatus, Mode
+from dmdnet_plugin.pipeline import Mode
 from dmdnet_plugin.runtime import PRECISIONS, pick_precision
 from dmdnet_plugin.weights import (
     BUNDLED,
@@ -125,6 +126,7 @@ def _pictures(image: torch.Tensor, node: str, min_face: int = MIN_FACE) -> list[
     if image.dim() != 4 or image.shape[0] == 0:
         raise ValueError(f"{node}: the image batch is empty (shape {tuple(image.shape)})")
     h, w = image.shape[1:3]
+    check_pixels(w, h, f"{node}: the image batch")  # the limit of every surface, before any copy
     if min(h, w) < min_face:
         raise ValueError(f"{node}: the images are {w}x{h} px, too small to hold a face of {min_face} px")
     return [Picture(np.ascontiguousarray(img.cpu().float().numpy())) for img in image]
@@ -154,7 +156,7 @@ class _OnDevice:
 
 
 def _progress():
-    """A progress callback for Restorer.run_clip: a ComfyUI bar over the faces being restored, and
+    """A progress callback for restore_clip: a ComfyUI bar over the faces being restored, and
     cancel between frames while tracking and between model calls while restoring."""
     bar = None
 
@@ -494,7 +496,8 @@ class DMDNetRestoreFaces(io.ComfyNode):
             found = faces.detections if faces is not None else None
             if not temporal and faces is None:  # found up front, so that the progress bar knows the faces
                 found = restorer.helper.find(pictures)
-            clip = restorer.run_clip(
+            clip = restore_clip(
+                restorer,
                 lambda: iter(pictures),
                 mode,
                 strength=strength,

@@ -5,6 +5,7 @@ from .factory import load_restorer
 from .identity import IdentityDictionary, IdentityError
 from .model import DMDNet
 from .pipeline import Mode, Restorer
+from .version import VERSION
 from .weights import LoadedModel, WeightsError, convert, load_model
 
 __all__ = [
@@ -20,4 +21,4 @@ __all__ = [
     "load_model",
     "load_restorer",
 ]
-__version__ = "0.3.0"
+__version__ = VERSION

@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import atomic_path
+from .clips import ClipStatus
+from .cluster import ClusterError
 from .face_helper import MIN_FACE, FaceHelper
-from .faces import DETECTORS, Face, FaceBackend, landmark_path, shared_backend, write_landmarks
-from .factory import RestorerSpec
+from .faces import DETECTORS, Face, FaceBackend, FaceModelsError, landmark_path, shared_backend, write_landmarks
+from .factory import load_restorer
 from .identity import IdentityDictionary, IdentityError
-from .io import IMAGE_EXTENSIONS, ImageError, Picture, list_images, read_image, refuse_overwrite, to_uint8, write_image
+from .io import ImageError, Picture, list_images, read_image, refuse_overwrite, to_uint8, write_image
+from .journal import RunLockedError
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
-from .pipeline import ClipStatus, Mode, Restorer, checked_mode
+from .pipeline import Mode, Restorer
+from .report import Entry, Status
+from .runs import LocalEngine, RunStart, restore_files
 from .runtime import PRECISIONS
-from .stream import Done, Journal, PhotoJob, PhotoStream, StreamOptions, error_entry
-from .video import VIDEO_EXTENSIONS, VideoError, is_video, restore_video
+from .settings import RunSettings
+from .text import printable
 from .weights import OFFICIAL_URL, URL_ENV, WeightsError, cache_dir, convert, download_official, find_weights
 
 
@@ -36,7 +38,8 @@ class CliError(Exception):
 
 
 def _error(message: str) -> None:
-    tqdm.write(f"error: {message}", file=sys.stderr)
+    """One line, whatever the message holds (a file name may hold a newline)."""
+    tqdm.write(f"error: {printable(message)}", file=sys.stderr)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -58,167 +61,116 @@ def _detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-models", help="folder with facexlib RetinaFace weights (or $DMDNET_FACEXLIB_DIR)")
 
 
-def _spec(args) -> RestorerSpec:
-    """The restorer the options ask for (``restore`` has matching and face-selection options too)."""
-    options = ("threshold", "margin", "batch_size", "min_face", "only_largest")
-    extra = {k: getattr(args, k) for k in options if hasattr(args, k)}
-    return RestorerSpec(args.weights, args.precision, args.detector, args.face_models, **extra)
-
-
-def _restorer(args, identities: Sequence[IdentityDictionary] = ()) -> Restorer:
-    """The restorer for ``args``, saying which weights it runs."""
-    restorer = _spec(args).build(args.device, identities)
+def _restorer(args) -> Restorer:
+    """The restorer of the model options (identity build), saying which weights it runs."""
+    restorer = load_restorer(args.weights, args.device, args.precision, args.detector, args.face_models)
     tqdm.write(restorer.loaded.notice(), file=sys.stderr)
     return restorer
 
 
+def run_settings(args) -> RunSettings:
+    """``restore``'s options as the run's one settings record."""
+    return RunSettings.create(
+        args.weights,
+        args.device,
+        args.precision,
+        args.identity,
+        args.mode,
+        args.detector,
+        args.face_models,
+        upscale=args.upscale,
+        strength=args.strength,
+        keep_colours=args.keep_colours,
+        aligned=args.aligned,
+        temporal=args.temporal,
+        threshold=args.threshold,
+        margin=args.margin,
+        min_face=args.min_face,
+        only_largest=args.only_largest,
+        max_faces=args.max_faces,
+        batch_size=args.batch_size,
+        save_faces=args.save_faces,
+    )
+
+
 def cmd_restore(args) -> int:
-    identities = [IdentityDictionary.load(p) for p in args.identity]
-    checked_mode(args.mode, identities)  # before the model loads: a wrong command fails at once
-    options = StreamOptions(args.mode, args.aligned, args.upscale, 1.0, args.keep_colours, args.save_faces)
-    if args.ray is not None:
-        return _restore_on_ray(args, identities, options)
-    restorer = _restorer(args, identities)
-    out_dir = Path(args.output)
-    files = [str(p) for p in list_images(args.inputs, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)]
+    settings = run_settings(args)  # every option checked before the model loads
+    progress = _Progress()
+    if args.ray:
+        engine = _ray_engine(args, settings)
+        tqdm.write(settings.weights.source.notice(), file=sys.stderr)
+    else:
+        engine = LocalEngine(settings, args.workers, clip_progress=progress.clip)
+        tqdm.write(engine.restorer.loaded.notice(), file=sys.stderr)
+    with progress:
+        report = restore_files(
+            args.inputs,
+            args.output,
+            engine=engine,
+            resume=args.resume,
+            report=args.report,
+            on_start=progress.start,
+            on_entry=progress.entry,
+        )
+    counts = {s: report.count(s) for s in Status}
+    print(
+        f"{counts[Status.OK]} restored, {counts[Status.NO_FACE]} without a face, {counts[Status.ERROR]} failed "
+        f"-> {printable(args.output)}",
+        file=sys.stderr,
+    )
+    return 1 if report.failed else 0
 
-    def restore(todo: list[str], done: Done) -> Iterator[dict]:
-        with PhotoStream(restorer, options, args.workers) as stream:
-            jobs = (PhotoJob(Path(src), out_dir / Path(src).name) for src in todo if not is_video(src))
-            yield from stream.run(jobs, done)
-        for src in (Path(src) for src in todo if is_video(src)):
-            entry = _video_entry(restorer, src, out_dir / src.name, args)
-            done(entry)
-            yield entry
 
-    settings = _settings(args, restorer.loaded.record(), str(restorer.loaded.dtype))
-    return _restore_all(args, files, restore, settings, restorer.loaded.record())
-
-
-def _restore_on_ray(args, identities: list[IdentityDictionary], options: StreamOptions) -> int:
-    """``restore --ray``: the photos restored by Ray Data operators (:mod:`cluster`), same journal and report."""
+def _ray_engine(args, settings: RunSettings):
+    """``restore --ray``: the photos restored by Ray Data operators (:mod:`cluster`)."""
     try:
         from . import cluster
     except ImportError as exc:
         raise CliError(f'--ray needs Ray Data: pip install "dmdnet-plugin[ray]" ({exc})') from None
-    weights = find_weights(args.weights)
-    spec = replace(_spec(args), weights=str(weights.path))  # resolved here, read on every node
     plan = cluster.RayPlan(restore_actors=args.ray_actors)
-    try:
-        source, target = cluster.Storage.open(args.inputs[0]), cluster.Storage.open(args.output)
-        paths = {source.name(p): p for p in source.images(args.inputs)}
-        tqdm.write(weights.notice(), file=sys.stderr)
-
-        def restore(todo: list[str], done: Done) -> Iterator[dict]:
-            jobs = [PhotoJob(Path(paths[n]), Path(target.join(Path(paths[n]).name))) for n in todo]
-            entries = cluster.restore_on_ray(jobs, options, spec, identities, plan, source, target, args.ray or None)
-            for entry in entries:
-                done(entry)  # the workers wrote its output before the entry came back
-                yield entry
-
-        settings = {**_settings(args, weights.record(), args.precision), "engine": "ray"}
-        return _restore_all(args, list(paths), restore, settings, weights.record(), target.exists)
-    except cluster.ClusterError as exc:
-        raise CliError(str(exc)) from None
+    return cluster.RayEngine(settings, args.ray_address, plan, args.precision)
 
 
-def _restore_all(
-    args,
-    files: list[str],
-    restore: Callable[[list[str], Done], Iterable[dict]],
-    settings: dict,
-    weights: dict,
-    exists: Callable[[str], bool] = os.path.isfile,
-) -> int:
-    """Restore ``files`` (photos and videos, by name) into ``args.output`` with a journal: the inputs an
-    earlier run finished (and whose output still ``exists``) are kept, ``restore(the rest, done)`` yields
-    the others' entries and calls ``done(entry)`` (the journal) as soon as each output is written; then
-    the report."""
-    if not files:
-        raise CliError("no input images or videos found")
-    report: dict[str, dict] = {}
-    with Journal(args.output, settings, resume=args.resume, exists=exists) as journal:
-        for src in files:
-            if (entry := journal.finished(src)) is not None:
-                report[src] = entry
-        if report:
+class _Progress:
+    """What a run shows on the terminal: its first line, a bar over the inputs, a bar per video, and
+    one ``error:`` line per failed input."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.clips: dict[str, tqdm] = {}
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in [self.bar, *self.clips.values()]:
+            if bar is not None:
+                bar.close()
+
+    def start(self, found: RunStart) -> None:
+        for entry in found.refused:
+            _error(entry.error)
+        if found.kept or found.again:
+            again = f" ({found.again} of them again: input changed or output gone)" if found.again else ""
             tqdm.write(
-                f"{len(report)} of {len(files)} inputs already restored by an earlier run; "
-                "restoring the rest (--no-resume: all)",
+                f"{found.kept} of {found.inputs} inputs already restored by an earlier run; restoring the "
+                f"rest{again} (--no-resume: all)",
                 file=sys.stderr,
             )
-        todo = [src for src in files if src not in report]
-        with tqdm(
-            total=len(todo), desc="restoring", unit="file", disable=len(todo) < 2 or not sys.stderr.isatty()
-        ) as bar:
-            for entry in restore(todo, journal.add):
-                if entry["error"]:
-                    _error(entry["error"])
-                bar.update()
-                report[entry["input"]] = entry
-    entries = [report[src] for src in files]
-    if args.report:
-        with atomic_path(args.report) as tmp:
-            tmp.write_text(json.dumps({"weights": weights, "files": entries}, indent=2) + "\n")
-    counts = {s: sum(e["status"] == s for e in entries) for s in ("ok", "no_face", "error")}
-    print(
-        f"{counts['ok']} restored, {counts['no_face']} without a face, {counts['error']} failed -> {args.output}",
-        file=sys.stderr,
-    )
-    return 1 if counts["error"] else 0
+        todo = found.inputs - found.kept - len(found.refused)
+        self.bar = tqdm(total=todo, desc="restoring", unit="file", disable=todo < 2 or not sys.stderr.isatty())
 
+    def entry(self, entry: Entry) -> None:
+        if entry.error:
+            _error(entry.error)
+        self.bar.update()
 
-def _settings(args, weights: dict, precision: str) -> dict:
-    """What a run's outputs depend on: a resumed run must have the same."""
-    keys = (
-        "mode",
-        "aligned",
-        "upscale",
-        "keep_colours",
-        "temporal",
-        "threshold",
-        "margin",
-        "min_face",
-        "only_largest",
-        "save_faces",
-        "detector",
-        "face_models",
-    )
-    identities = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in args.identity]
-    return {**{k: getattr(args, k) for k in keys}, "identities": identities, "weights": weights, "precision": precision}
-
-
-def _video_entry(restorer: Restorer, src: Path, dst: Path, args) -> dict:
-    """One video's report entry; a failure is an error entry, and the batch goes on."""
-    try:
-        refuse_overwrite(src, dst)
-        return {
-            "input": str(src),
-            "output": None,
-            "status": "error",
-            "error": None,
-            **_restore_video(restorer, src, dst, args),
-        }
-    except Exception as exc:
-        return error_entry(src, exc)
-
-
-def _restore_video(restorer: Restorer, src: Path, dst: Path, args) -> dict:
-    """One video, with a progress bar over its frames (tracking, then restoring); its report fields."""
-    if args.upscale != 1.0 or args.aligned:
-        raise VideoError(f"{src}: --upscale and --aligned are for photos; a video keeps its size")
-    with tqdm(desc=src.name, unit="frame", disable=not sys.stderr.isatty()) as bar:
-
-        def progress(status: ClipStatus) -> None:
-            bar.set_description(f"{src.name}: {status.stage}")
-            bar.total = status.n_frames
-            bar.n = status.frames_done
-            bar.refresh()
-
-        entry = restore_video(
-            restorer, src, dst, args.mode, temporal=args.temporal, progress=progress, keep_colours=args.keep_colours
-        )
-    return {"output": str(dst), "status": "ok" if entry["faces_restored"] else "no_face", **entry}
+    def clip(self, src: str, status: ClipStatus) -> None:
+        name = printable(Path(src).name)
+        bar = self.clips.setdefault(src, tqdm(desc=name, unit="frame", disable=not sys.stderr.isatty()))
+        bar.set_description(f"{name}: {status.stage}")
+        bar.total, bar.n = status.n_frames, status.frames_done
+        bar.refresh()
 
 
 def cmd_identity_build(args) -> int:
@@ -372,9 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="faces per model call (default 4)")
     p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")
     p.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="how much of the restored face is blended over the original, 0 to 1 (default 1: all)",
+    )
+    p.add_argument(
         "--min-face", type=int, default=MIN_FACE, help=f"skip faces narrower than this (default {MIN_FACE} px)"
     )
     p.add_argument("--only-largest", action="store_true", help="restore only the largest face of each photo")
+    p.add_argument("--max-faces", type=int, help="restore at most this many faces of each photo, largest first")
     p.add_argument("--save-faces", action="store_true", help="also write cropped_faces/ and restored_faces/ (photos)")
     p.add_argument(
         "--keep-colours",
@@ -407,13 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ray",
-        nargs="?",
-        const="",
-        metavar="ADDRESS",
-        help="restore the photos on a Ray cluster (auto: the one this machine belongs to; no ADDRESS: "
-        "that one, else a Ray started here for the run); inputs and -o may be s3:// or gs:// URIs; "
-        "photos only (videos: without --ray). Needs the [ray] extra; see docs/scale.md",
+        action="store_true",
+        help="restore the photos on a Ray cluster (--ray-address; default: $RAY_ADDRESS, the Ray this machine "
+        "runs, else one started here for the run); inputs and -o may be s3:// or gs:// URIs; photos only "
+        "(videos: without --ray). Needs the [ray] extra; see docs/scale.md",
     )
+    p.add_argument("--ray-address", metavar="ADDRESS", help="with --ray: the cluster (host:port, ray://..., or auto)")
     p.add_argument(
         "--ray-actors", type=int, help="model actors on Ray (default: one per GPU of the cluster, or one on CPU)"
     )
@@ -473,7 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, WeightsError, IdentityError, ImageError, ValueError) as exc:
+    except (CliError, WeightsError, IdentityError, ImageError, ValueError, FaceModelsError, RunLockedError) as exc:
+        _error(str(exc))
+        return 2
+    except ClusterError as exc:
         _error(str(exc))
         return 2
     except KeyboardInterrupt:

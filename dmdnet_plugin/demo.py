@@ -70,12 +70,12 @@ def main(out_dir: str = "demo_output") -> int:
             write_image(out / f"{path.stem}_faces.png", _close_ups(pictures, [f.face.box for f in with_identity.faces]))
         print(f"{out / (path.stem + '_before_after.png')}: {len(with_identity.faces)} face(s)", file=sys.stderr)
     for clip in sorted((EXAMPLES / "video").glob("*.mp4")):
-        report = restore_video(restorer, clip, out / clip.name, identities=[identity])
+        record = restore_video(restorer, clip, out / clip.name, identities=[identity])
         people = ", ".join(
             f"track {t['track']}: frames {t['frames'][0]}-{t['frames'][1]}, {t['identity'] or 'generic'}"
-            for t in report["tracks"]
+            for t in record.tracks
         )
-        print(f"{out / clip.name}: {report['frames']} frames ({people})", file=sys.stderr)
+        print(f"{out / clip.name}: {record.frames} frames ({people})", file=sys.stderr)
     return 0
 
 

@@ -210,6 +210,14 @@ def retinaface_dir(explicit: str | Path | None = None) -> Path | None:
     return None
 
 
+def resolved_detector(name: str = "auto", model_dir: str | Path | None = None) -> str:
+    """The detector ``name`` stands for here: ``auto`` is RetinaFace when its weights are found, else
+    dlib HOG (a run's settings record which one found the faces)."""
+    if name == "auto":
+        return "retinaface" if retinaface_dir(model_dir) else "hog"
+    return "hog" if name == "dlib" else name
+
+
 def get_backend(name: str = "auto", model_dir: str | Path | None = None, device: str = "cpu") -> FaceBackend:
     """``auto``: RetinaFace when its weights are found (``model_dir`` or $DMDNET_FACEXLIB_DIR), else dlib HOG."""
     if name in ("hog", "cnn", "dlib"):

@@ -1,6 +1,7 @@
 """The one way every surface builds a :class:`Restorer`: weights, device, precision, face backend.
 
-The CLI, the Gradio demo, the ComfyUI nodes and ``make demo`` all call :func:`load_restorer`,
+The Gradio demo, the ComfyUI nodes and ``make demo`` call :func:`load_restorer`, and a run's
+settings (:class:`~dmdnet_plugin.settings.RunSettings`, what the CLI builds) call it too,
 so that they agree on which weights are found, where the model runs, that the face backend runs
 on the model's device (RetinaFace on CUDA), and on every matching and face-selection default.
 """
@@ -8,7 +9,6 @@ on the model's device (RetinaFace on CUDA), and on every matching and face-selec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,37 +63,3 @@ def load_face_helper(
     (a cluster's detect actors). The backend is loaded once per process."""
     backend = shared_backend(detector, None if face_models is None else str(face_models), device)
     return FaceHelper(backend, min_face=min_face, max_faces=max_faces, only_largest=only_largest)
-
-
-@dataclass(frozen=True)
-class RestorerSpec:
-    """The settings of :func:`load_restorer` as a value: what the CLI reads from its options, and what
-    each Ray actor is given to build its own restorer where it runs (a model is built, not shipped)."""
-
-    weights: str | None = None
-    precision: str = "auto"
-    detector: str = "auto"
-    face_models: str | None = None
-    threshold: float = DEFAULT_THRESHOLD
-    margin: float = DEFAULT_MARGIN
-    batch_size: int = 4
-    min_face: int = MIN_FACE
-    only_largest: bool = False
-
-    def build(self, device: str | None = None, identities: Sequence[IdentityDictionary] = ()) -> Restorer:
-        return load_restorer(
-            self.weights,
-            device,
-            self.precision,
-            self.detector,
-            self.face_models,
-            identities,
-            threshold=self.threshold,
-            margin=self.margin,
-            batch_size=self.batch_size,
-            min_face=self.min_face,
-            only_largest=self.only_largest,
-        )
-
-    def face_helper(self, device: str = "cpu") -> FaceHelper:
-        return load_face_helper(self.detector, self.face_models, device, self.min_face, self.only_largest)

@@ -7,6 +7,7 @@ produced it, so it carries that model's fingerprint and is refused by any other 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -147,6 +148,15 @@ class IdentityDictionary:
             if value is not None:
                 meta[key] = json.dumps([round(float(x), 7) for x in value])
         return meta
+
+    def digest(self) -> str:
+        """sha256 of the atoms and metadata: what a run's settings hold of it, since a file's name and
+        time may change while its content does not, and the other way round."""
+        sha = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
+        for key in sorted(self.tensors):
+            sha.update(key.encode())
+            sha.update(self.tensors[key].contiguous().numpy().tobytes())
+        return sha.hexdigest()
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a reader never sees a half-written dictionary."""

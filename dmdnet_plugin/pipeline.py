@@ -1,11 +1,12 @@
-"""Whole photos and clips in, restored ones out: the one pipeline behind every surface.
+"""Whole photos in, restored ones out: the one photo pipeline behind every surface.
 
 find faces (:mod:`face_helper`) -> decide each face's identity (:class:`Mode`) ->
-DMDNet.restore (batched per identity) -> paste back. The CLI, the ComfyUI nodes and the
-Gradio demo call :meth:`Restorer.run` for photos and :meth:`Restorer.run_clip` for a clip's
-frames (GFPGAN's ``enhance()`` idea): they return frozen results and change nothing they are
-given, so a surface holds no loop over faces or frames, no identity override and no paste-back
-of its own. :func:`dmdnet_plugin.factory.load_restorer` is the one way to build a Restorer.
+DMDNet.restore (batched per identity) -> paste back. The ComfyUI nodes and the Gradio demo
+call :meth:`Restorer.run` for photos (GFPGAN's ``enhance()`` idea), the photo stream its
+stages (:meth:`Restorer.restore_faces`, :meth:`Restorer.finish`), and :mod:`clips` builds a
+clip's run on the same two: they return frozen results and change nothing they are given, so
+a surface holds no loop over faces, no identity override and no paste-back of its own.
+:func:`dmdnet_plugin.factory.load_restorer` is the one way to build a Restorer.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from .identity import IdentityDictionary
 from .io import ImageError, ImageWriter, Picture, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
-from .tracking import CropSmoother, TrackedClip, TrackSummary, track_frames
 from .weights import LoadedModel
 
 Progress = Callable[[int, int], None]  # (faces done, faces in the run)
+Smoother = Callable[[int, np.ndarray], np.ndarray]  # (track, restored crop) -> steadier crop, in frame order
 Reference = str | Path | tuple[str, np.ndarray]  # a file, or (label, float RGB pixels)
 FRAMES_PER_RUN = 8  # pictures (a clip's frames, a folder's photos) whose faces are restored together; bounds memory
 T = TypeVar("T")
@@ -109,29 +110,6 @@ class ImageResult:
     alpha: np.ndarray | None
     faces: tuple[FaceResult, ...]
     skipped: tuple[dict, ...] = ()
-
-
-@dataclass(frozen=True)
-class ClipStatus:
-    """Where a clip's run stands, for a progress bar: a video shows frames, ComfyUI shows faces."""
-
-    stage: str  # "tracking" or "restoring"
-    frames_done: int
-    n_frames: int  # 0 when unknown
-    faces_done: int = 0
-    n_faces: int = 0  # 0 until known: after tracking, or from the detections given
-
-
-ClipProgress = Callable[[ClipStatus], None]
-
-
-@dataclass(frozen=True)
-class RestoredClip:
-    """A clip being restored: its face tracks (known before the first frame is restored; empty when
-    the frames are restored on their own) and one result per frame, in order, as they are made."""
-
-    tracks: tuple[TrackSummary, ...]
-    results: Iterator[ImageResult]
 
 
 def crops_to_tensor(crops: Sequence[np.ndarray]) -> torch.Tensor:
@@ -253,7 +231,7 @@ class Restorer:
         aligned: bool = False,
         detections: Sequence[Detection] | None = None,
         progress: Progress | None = None,
-        smoother: CropSmoother | None = None,
+        smoother: Smoother | None = None,
         keep_colours: bool = True,
     ) -> list[ImageResult]:
         """Restore the faces of every picture; one result per picture.
@@ -262,7 +240,7 @@ class Restorer:
         one). ``strength`` blends the restored faces over the originals. ``aligned``: each picture
         is one aligned 512x512 face. ``detections`` (one per picture, e.g. from
         :meth:`FaceHelper.find`) skips face detection. ``smoother``: a clip's frames, run in order
-        with tracked detections (:mod:`tracking`), get steady restored faces (:meth:`run_clip`
+        with tracked detections (:mod:`tracking`), get steady restored faces (:func:`clips.restore_clip`
         sets this up). ``keep_colours``: restored faces keep the input's broad colours
         (:mod:`colours`); False: the model's.
         """
@@ -315,7 +293,7 @@ class Restorer:
         upscale: float = 1.0,
         strength: float = 1.0,
         keep_colours: bool = True,
-        smoother: CropSmoother | None = None,
+        smoother: Smoother | None = None,
     ) -> ImageResult:
         """The rest of a run for one picture, on the CPU: colours, smoothing over a clip (in frame
         order), paste-back. Pictures are independent here and no model is needed, so a pipeline can
@@ -355,99 +333,6 @@ class Restorer:
         if mode is Mode.GENERIC or not identities:
             return generic, None
         return generic, self.run([picture], mode, identities, **options)[0]
-
-    def run_clip(
-        self,
-        frames: Callable[[], Iterable[Picture]],
-        mode: Mode | str = Mode.AUTO,
-        identities: Sequence[IdentityDictionary] | None = None,
-        strength: float = 1.0,
-        temporal: bool = True,
-        rate: float = 25.0,
-        keep_colours: bool = True,
-        detections: Sequence[Detection] | None = None,
-        n_frames: int = 0,
-        progress: ClipProgress | None = None,
-    ) -> RestoredClip:
-        """Restore a clip's frames, :data:`FRAMES_PER_RUN` at a time, so a long clip is never held.
-
-        ``frames()`` yields the frames in order; with ``temporal`` it is called twice: once to track
-        the faces (:mod:`tracking`: steady alignment, one identity per track, smoothed crops at
-        ``rate`` frames per second), then to restore. Off, each frame is restored as a photo, with
-        ``detections`` (one per frame) when given. ``progress`` gets a :class:`ClipStatus` per frame
-        and between model calls, so a caller can show it and cancel.
-        """
-        identities = self.checked_identities(identities)
-        mode = checked_mode(mode, identities)
-        if temporal and detections is not None:
-            raise ValueError("a temporal clip is tracked by run_clip; detections cannot be given")
-        if detections is not None and n_frames and len(detections) != n_frames:
-            raise ValueError(f"{len(detections)} detections for {n_frames} frames")
-        tracked = None
-        if temporal:
-
-            def tracking() -> Iterator[np.ndarray]:
-                for index, picture in enumerate(frames()):
-                    if progress:
-                        progress(ClipStatus("tracking", index, n_frames))
-                    yield picture.rgb()
-
-            tracked = track_frames(tracking(), self.helper, rate)
-        results = self._clip_results(
-            frames(),
-            tracked,
-            detections,
-            n_frames,
-            progress,
-            mode=mode,
-            identities=identities,
-            strength=strength,
-            keep_colours=keep_colours,
-        )
-        return RestoredClip(() if tracked is None else tracked.tracks, results)
-
-    def _clip_results(
-        self,
-        frames: Iterable[Picture],
-        tracked: TrackedClip | None,
-        detections: Sequence[Detection] | None,
-        n_frames: int,
-        progress: ClipProgress | None,
-        mode: Mode,
-        identities: tuple[IdentityDictionary, ...],
-        strength: float,
-        keep_colours: bool,
-    ) -> Iterator[ImageResult]:
-        """The frames of a clip whose mode and identities :meth:`run_clip` has checked, a run at a time."""
-        smoother = CropSmoother() if tracked is not None else None
-        if tracked is not None:
-            n_faces = sum(len(faces) for faces in tracked.frames)
-        else:
-            n_faces = 0 if detections is None else sum(len(d.faces) for d in detections)
-        done, faces_done = 0, 0
-        for chunk in chunks(frames, FRAMES_PER_RUN):
-            if tracked is not None:
-                found = tracked.detections(self.helper, chunk, done)
-            elif detections is not None:
-                found = detections[done : done + len(chunk)]
-            else:
-                found = self.helper.find(chunk, embed=needs_embeddings(mode, identities))
-            if len(found) != len(chunk):
-                raise ValueError(f"{len(detections)} detections for a clip of more frames")
-
-            def report(faces: int, _total: int, at: int = done, before: int = faces_done) -> None:
-                progress(ClipStatus("restoring", at, n_frames, before + faces, n_faces))
-
-            restored = self.restore_faces(found, mode, identities, report if progress else None)
-            faces_done += sum(len(d.faces) for d in found)
-            for picture, detection, faces in zip(chunk, found, restored):
-                result = self.finish(
-                    picture, detection, faces, strength=strength, keep_colours=keep_colours, smoother=smoother
-                )
-                done += 1
-                if progress:
-                    progress(ClipStatus("restoring", done, n_frames, faces_done, n_faces))
-                yield result
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -56,11 +56,22 @@ _DTYPES = {
 }
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The name a compute precision goes by in options and reports (``fp32``, ``bf16``, ``fp16``)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``None`` or ``"auto"``: CUDA when available, else the CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU here; use cpu")
+    return device
 
 
 def pick_precision(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:

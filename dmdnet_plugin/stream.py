@@ -1,4 +1,4 @@
-"""A folder of photos through the Restorer with the model kept busy, and runs that resume.
+"""A folder of photos through the Restorer with the model kept busy.
 
 Photos go through three stages: read and find the faces (one thread: dlib is not thread-safe),
 restore the faces of a window of photos together (the model, in batches across the photos), then
@@ -9,33 +9,31 @@ windows are held at once, whatever the folder's size. Batches are made from the 
 order, ``window`` at a time, the same way with or without threads, so ``workers=0`` (one stage
 after the other, the reference path) gives the same pixels and report.
 
-A run keeps a journal (``journal_path``: in the cache folder, one per output folder, so the output
-folder holds only outputs): one line per finished input, written by the thread that wrote the
-output, right after it (outputs are written atomically). Started again with the same settings, after a
-crash or a kill, it restores only the inputs the journal lacks and ends with one report of all.
+A photo travels through the stages as one :class:`PhotoItem`; a stage that fails sets its
+``error`` and the later stages pass it on, so the photo ends as one error entry and the batch
+goes on. The stage functions are shared with the Ray Data operators (:mod:`cluster`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .face_helper import Detection, FaceHelper
-from .identity import IdentityDictionary, IdentityError
-from .io import ImageError, ImageWriter, Picture, read_image, refuse_overwrite, write_image
+from .identity import IdentityDictionary
+from .io import ImageWriter, Picture, read_image, refuse_overwrite, write_image
+from .outputs import Job
 from .pipeline import (
     FRAMES_PER_RUN,
+    FaceResult,
     ImageResult,
     Mode,
     Progress,
@@ -45,90 +43,72 @@ from .pipeline import (
     needs_embeddings,
     save_faces,
 )
-from .runtime import cache_dir
+from .report import Entry
+from .settings import RunSettings
 
 _LOCK = threading.Lock()
+Done = Callable[[Entry], None]  # told of each report entry as soon as its output is written
 
 
 @dataclass(frozen=True)
-class PhotoJob:
-    """One input photo and where its output goes."""
+class PhotoItem:
+    """A photo on its way through the stages: what each stage added, or the error that ended it."""
 
-    src: Path
-    dst: Path
+    job: Job
+    picture: Picture | None = None
+    detection: Detection | None = None
+    faces: tuple[FaceResult, ...] | None = None  # the model's crops, before colours and paste-back
+    result: ImageResult | None = None
+    error: Exception | None = None
 
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """What a photo run does to every photo: the CLI's restore options."""
-
-    mode: str = Mode.AUTO.value
-    aligned: bool = False
-    upscale: float = 1.0
-    strength: float = 1.0
-    keep_colours: bool = True
-    save_faces: bool = False
-
-
-Read = tuple[PhotoJob, Picture] | tuple[PhotoJob, Exception]
-Prepared = tuple[PhotoJob, Picture, Detection] | tuple[PhotoJob, Exception]
-Pasted = tuple[PhotoJob, ImageResult] | dict  # dict: the error entry of a photo that failed
-Done = Callable[[dict], None]  # told of each report entry as soon as its output is written
-
-
-def error_entry(src: Path, error: Exception) -> dict:
-    """The report entry of an input that failed: one line naming the file and the problem."""
-    if isinstance(error, (ImageError, IdentityError, OSError)):
-        text = str(error) if str(src) in str(error) else f"{src}: {error}"
-    else:  # an unexpected failure still names the file, and the batch goes on
-        text = f"{src}: {type(error).__name__}: {error}"
-    return {"input": str(src), "output": None, "status": "error", "error": text}
+    def failed(self, error: Exception) -> PhotoItem:
+        """The photo ends here (what it held is dropped: a window of failures holds no pixels)."""
+        return PhotoItem(self.job, error=error)
 
 
 class PhotoStream:
-    """Restores photos with ``restorer``: one thread reads and finds faces, ``workers`` threads paste
-    and write, around the model in the calling thread (``workers=0``: no threads, the reference)."""
+    """Restores photos with ``restorer`` as ``settings`` say: one thread reads and finds faces,
+    ``workers`` threads paste and write, around the model in the calling thread (``workers=0``: no
+    threads, the reference)."""
 
     def __init__(
-        self, restorer: Restorer, options: StreamOptions, workers: int = 2, window: int = FRAMES_PER_RUN
+        self, restorer: Restorer, settings: RunSettings, workers: int = 2, window: int = FRAMES_PER_RUN
     ) -> None:
-        self.restorer, self.options = restorer, options
+        self.restorer, self.settings = restorer, settings
         self.seconds = {"read": 0.0, "model": 0.0, "write": 0.0}  # time in each stage (benchmarks/throughput.py)
         self._pools: tuple[Executor, Executor] | None = None
         self.identities = restorer.identities
-        self.mode = checked_mode(options.mode, self.identities)
+        self.mode = checked_mode(settings.mode, self.identities)
         self.embed = needs_embeddings(self.mode, self.identities)
         self.workers, self.window = max(0, workers), max(1, window)
 
     # ----------------------------------------------------------------- stages
-    def _prepare(self, job: PhotoJob) -> Prepared:
+    def _prepare(self, job: Job) -> PhotoItem:
         """Read a photo and find its faces (in the calling thread, or in the one reader thread)."""
         with _timed(self.seconds, "read"):
             return self._find(job)
 
-    def _timed_read(self, job: PhotoJob) -> tuple[Prepared, float]:
+    def _timed_read(self, job: Job) -> tuple[PhotoItem, float]:
         start = time.perf_counter()
         return self._find(job), time.perf_counter() - start
 
-    def _find(self, job: PhotoJob) -> Prepared:
-        return find_faces(read_photo(job), self.restorer.helper, self.options.aligned, self.embed)
+    def _find(self, job: Job) -> PhotoItem:
+        return find_faces(read_photo(job), self.restorer.helper, self.settings.aligned, self.embed)
 
-    def _restore_window(
-        self, window: list[Prepared], progress: Progress | None = None
-    ) -> list[tuple[Prepared, tuple | None]]:
+    def _restore_window(self, window: list[PhotoItem], progress: Progress | None = None) -> list[PhotoItem]:
         with _timed(self.seconds, "model"):
             return restore_window(self.restorer, window, self.mode, self.identities, progress)
 
-    def _completed(self, item: Prepared, faces: tuple | None, done: Done | None) -> dict:
+    def _completed(self, item: PhotoItem, done: Done | None) -> Entry:
         """Colours, paste-back and the atomic write of one photo, then ``done(entry)`` (thread-safe)."""
         with _timed(self.seconds, "write"):
-            entry = write_photo(paste_photo(item, faces, self.options), self.options)
+            entry = write_photo(paste_photo(item, self.settings), self.settings)
         if done:
             done(entry)
         return entry
 
     # ------------------------------------------------------------------ runs
-    def run(self, jobs: Iterable[PhotoJob], done: Done | None = None) -> Iterator[dict]:
+    def run(self, jobs: Iterable[Job], done: Done | None = None) -> Iterator[Entry]:
         """Report entries, in input order, as the photos are written.
 
         ``done(entry)`` is called as each output is written, in the thread that wrote it (so from two
@@ -156,24 +136,24 @@ class PhotoStream:
             pool.shutdown(cancel_futures=True)
         self._pools = None
 
-    def _received(self, future: Future) -> Prepared:
+    def _received(self, future: Future) -> PhotoItem:
         item, seconds = future.result()
         with _LOCK:
             self.seconds["read"] += seconds
         return item
 
-    def _run_inline(self, jobs: Iterable[PhotoJob], done: Done | None) -> Iterator[dict]:
+    def _run_inline(self, jobs: Iterable[Job], done: Done | None) -> Iterator[Entry]:
         for window in chunks((self._prepare(job) for job in jobs), self.window):
-            for item, faces in self._restore_window(window):
-                yield self._completed(item, faces, done)
+            for item in self._restore_window(window):
+                yield self._completed(item, done)
 
     def _run_overlapped(
         self,
-        jobs: Iterable[PhotoJob],
+        jobs: Iterable[Job],
         reader: ThreadPoolExecutor,
         writer: ThreadPoolExecutor,
         done: Done | None,
-    ) -> Iterator[dict]:
+    ) -> Iterator[Entry]:
         ahead: deque[Future] = deque()  # photos being read: at most two windows ahead of the model
         writing: deque[Future] = deque()  # photos being finished, in input order
         jobs = iter(jobs)
@@ -183,7 +163,7 @@ class PhotoStream:
             writes = sum(not f.done() for f in writing)
             return int(not all(f.done() for f in ahead)) + min(self.workers, writes)
 
-        def prepared() -> Iterator[Prepared]:
+        def prepared() -> Iterator[PhotoItem]:
             for job in jobs:
                 ahead.append(reader.submit(self._timed_read, job))
                 if len(ahead) >= 2 * self.window:
@@ -194,8 +174,8 @@ class PhotoStream:
         share = CoreShare(busy) if self.restorer.loaded.device.type == "cpu" else None
         try:
             for window in chunks(prepared(), self.window):
-                for item, faces in self._restore_window(window, share):
-                    writing.append(writer.submit(self._completed, item, faces, done))
+                for item in self._restore_window(window, share):
+                    writing.append(writer.submit(self._completed, item, done))
                 while len(writing) > self.window:  # bounded: finish the oldest while the model moves on
                     yield writing.popleft().result()
             while writing:
@@ -229,75 +209,68 @@ class CoreShare:
 
 # The stages of a photo, shared by PhotoStream and the Ray Data operators (:mod:`cluster`). A failure
 # is passed on, not raised, so that the photo ends as one error entry and the batch goes on.
-def read_photo(job: PhotoJob, load: Callable[[Path], Picture] = read_image) -> Read:
+def read_photo(job: Job, load: Callable[[str], Picture] = read_image) -> PhotoItem:
     """The photo of ``job`` (``load``: from a local file, or a cluster's filesystem)."""
+    item = PhotoItem(job)
     try:
-        refuse_overwrite(job.src, job.dst)
-        return job, load(job.src)
+        refuse_overwrite(Path(job.src), Path(job.dst))
+        return replace(item, picture=load(job.src))
     except Exception as exc:
-        return job, exc
+        return item.failed(exc)
 
 
-def find_faces(item: Read, helper: FaceHelper, aligned: bool, embed: bool) -> Prepared:
+def find_faces(item: PhotoItem, helper: FaceHelper, aligned: bool, embed: bool) -> PhotoItem:
     """The faces of a photo read by :func:`read_photo`."""
-    job, picture = item
-    if isinstance(picture, Exception):
+    if item.error is not None:
         return item
     try:
-        return job, picture, helper.find([picture], aligned, embed=embed)[0]
+        return replace(item, detection=helper.find([item.picture], aligned, embed=embed)[0])
     except Exception as exc:
-        return job, exc
+        return item.failed(exc)
 
 
 def restore_window(
     restorer: Restorer,
-    window: Sequence[Prepared],
+    window: Sequence[PhotoItem],
     mode: Mode,
     identities: Sequence[IdentityDictionary],
     progress: Progress | None = None,
-) -> list[tuple[Prepared, tuple | None]]:
+) -> list[PhotoItem]:
     """The model stage: the faces of every good photo of a window, batched across them; if the model
     fails, each of the window's photos is an error. ``progress``: called after each batch."""
-    good = [p for p in window if len(p) == 3]
+    good = [item for item in window if item.error is None]
     try:
-        faces = iter(restorer.restore_faces([p[2] for p in good], mode, identities, progress))
+        faces = iter(restorer.restore_faces([item.detection for item in good], mode, identities, progress))
     except Exception as exc:
-        return [((p[0], exc), None) if len(p) == 3 else (p, None) for p in window]
-    return [(p, next(faces) if len(p) == 3 else None) for p in window]
+        return [item if item.error is not None else item.failed(exc) for item in window]
+    return [item if item.error is not None else replace(item, faces=next(faces)) for item in window]
 
 
-def paste_photo(item: Prepared, faces: tuple | None, options: StreamOptions) -> Pasted:
-    """Colours and paste-back (no model: :meth:`Restorer.finish`), or the error entry of a failed photo."""
-    if faces is None:
-        return error_entry(item[0].src, item[1])
-    job, picture, detection = item
+def paste_photo(item: PhotoItem, settings: RunSettings) -> PhotoItem:
+    """Colours and paste-back (no model: :meth:`Restorer.finish`)."""
+    if item.error is not None:
+        return item
     try:
-        return job, Restorer.finish(picture, detection, faces, options.upscale, options.strength, options.keep_colours)
+        result = Restorer.finish(
+            item.picture, item.detection, item.faces, settings.upscale, settings.strength, settings.keep_colours
+        )
+        return PhotoItem(item.job, result=result)
     except Exception as exc:
-        return error_entry(job.src, exc)
+        return item.failed(exc)
 
 
-def write_photo(pasted: Pasted, options: StreamOptions, save: ImageWriter = write_image) -> dict:
+def write_photo(item: PhotoItem, settings: RunSettings, save: ImageWriter = write_image) -> Entry:
     """Write a pasted photo atomically (``save``); its report entry."""
-    if isinstance(pasted, dict):
-        return pasted
-    job, result = pasted
+    if item.error is not None:
+        return Entry.failed(item.job.src, item.error)
+    result, dst = item.result, Path(item.job.dst)
     try:
-        save(job.dst, result.pixels, result.alpha)
-        if options.save_faces:
-            save_faces(result, job.dst.parent, job.src.stem, save)
+        save(dst, result.pixels, result.alpha)
+        if settings.save_faces:
+            save_faces(result, dst.parent, dst.stem, save)
     except Exception as exc:
-        return error_entry(job.src, exc)
-    entry = {
-        "input": str(job.src),
-        "output": str(job.dst),
-        "status": "ok" if result.faces else "no_face",
-        "error": None,
-        "faces": [f.record() for f in result.faces],
-    }
-    if result.skipped:
-        entry["skipped_faces"] = list(result.skipped)
-    return entry
+        return Entry.failed(item.job.src, exc)
+    return Entry.written(item.job.src, item.job.dst, result)
 
 
 @contextlib.contextmanager
@@ -308,66 +281,3 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     finally:
         with _LOCK:  # two writer threads add to the same stage
             seconds[stage] += time.perf_counter() - start
-
-
-def journal_path(folder: str | Path) -> Path:
-    """Where the journal of the runs into ``folder`` (a local folder or a URI) is kept."""
-    where = str(folder) if "://" in str(folder) else str(Path(folder).resolve())
-    key = hashlib.sha256(where.encode()).hexdigest()[:16]
-    return cache_dir() / "runs" / f"{key}.jsonl"
-
-
-class Journal:
-    """The finished inputs of the runs into an output folder with given settings, one JSON line each.
-
-    Appended and flushed after each output is written, so a run killed at any moment leaves at
-    worst one partial last line, which is ignored. A journal of other settings is started afresh.
-    """
-
-    def __init__(
-        self, folder: str | Path, settings: dict, resume: bool = True, exists: Callable[[str], bool] = os.path.isfile
-    ) -> None:
-        self.folder, self.path, self.exists = Path(folder), journal_path(folder), exists
-        self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.entries: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        try:
-            lines = self.path.read_text().splitlines() if resume else []
-        except OSError:
-            lines = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the line a kill cut short
-            if record.get("settings") == self.key and isinstance(record.get("entry"), dict):
-                self.entries[record["entry"]["input"]] = record["entry"]
-
-    def finished(self, src: str | Path) -> dict | None:
-        """The entry of an input this run already finished, if its output is still there (``exists``)."""
-        entry = self.entries.get(str(src))
-        if entry is None or entry["status"] == "error" or not self.exists(entry["output"] or ""):
-            return None  # never done, failed (tried again), or its output is gone
-        return entry
-
-    def __enter__(self) -> Journal:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".*.part*"):  # what a killed run was writing (atomic.atomic_path)
-            stale.unlink(missing_ok=True)
-        keep = [json.dumps({"settings": self.key, "entry": e}) for e in self.entries.values()]
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))  # this run's settings only
-        tmp.replace(self.path)
-        self._file = open(self.path, "a")
-        return self
-
-    def add(self, entry: dict) -> None:
-        """Record a finished input (from any thread: the stream's writers call it)."""
-        with self._lock:
-            self.entries[entry["input"]] = entry
-            self._file.write(json.dumps({"settings": self.key, "entry": entry}) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()

@@ -4,8 +4,9 @@ PyAV's wheel carries FFmpeg, so this works offline. The output keeps the input's
 timing (each frame's timestamp is copied, so variable frame rates survive), its rotation (phone
 videos store frames sideways with a display rotation: faces are found and restored upright) and
 its audio stream, copied packet by packet without re-encoding. Frames are decoded three times (to
-count them, and twice in :meth:`Restorer.run_clip`: to track the faces, to restore them), so a
+count them, and twice in :func:`clips.restore_clip`: to track the faces, to restore them), so a
 long clip is never held in memory; decoding costs milliseconds a frame against about a second a face.
+A frame larger than the photos' pixel limit is refused from the stream's header, before decoding.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .clips import ClipProgress, restore_clip
 from .identity import IdentityDictionary
-from .io import ImageError, Picture
-from .pipeline import ClipProgress, FaceResult, Mode, Restorer
+from .io import ImageError, Picture, check_pixels, refuse_overwrite
+from .outputs import Job
+from .pipeline import FaceResult, Mode, Restorer
+from .report import Entry, Status, VideoRecord
+from .settings import RunSettings
 from .tracking import TrackSummary
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
@@ -66,6 +71,12 @@ def _open(path: Path):
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: holds no video stream")
+    context = container.streams.video[0].codec_context
+    try:
+        check_pixels(context.width, context.height, f"{path}: frame")
+    except ImageError as exc:
+        container.close()
+        raise VideoError(str(exc)) from None
     return container
 
 
@@ -115,7 +126,7 @@ def _track_records(first_results: dict[int, FaceResult], tracks: tuple[TrackSumm
 
 
 class _Frames:
-    """The clip's frames, upright, each time it is called (:meth:`Restorer.run_clip` reads them twice).
+    """The clip's frames, upright, each time it is called (:func:`restore_clip` reads them twice).
 
     Once ``sink`` is set (the restoring pass), the audio packets met on the way are copied to it,
     and each frame's stored timing is kept in ``timing`` until its restored frame is written.
@@ -157,8 +168,9 @@ def restore_video(
     max_frames: int | None = None,
     progress: ClipProgress | None = None,
     keep_colours: bool = True,
-) -> dict:
-    """Restore every face of a video into ``dst`` (written atomically); returns its report entry.
+) -> VideoRecord:
+    """Restore every face of a video into ``dst`` (written atomically); returns what its report
+    entry says of it.
 
     ``temporal``: faces are tracked, steadily aligned and given one identity per track; off, each
     frame is restored on its own, as a photo would be. ``max_frames``: refuse longer clips.
@@ -172,7 +184,8 @@ def restore_video(
         raise VideoError(f"{src}: {info.frames} frames, more than the limit of {max_frames}")
     codec, options = CODECS.get(dst.suffix.lower(), DEFAULT_CODEC)
     frames = _Frames(src, info)
-    clip = restorer.run_clip(
+    clip = restore_clip(
+        restorer,
         frames,
         mode,
         identities,
@@ -206,16 +219,38 @@ def restore_video(
                 new.pts, new.time_base = frames.timing.popleft()
                 out.mux(video_out.encode(new))
             out.mux(video_out.encode(None))
-    entry = {
-        "frames": info.frames,
-        "fps": round(float(info.rate), 3),
-        "size": list(info.size),
-        "rotation": info.rotation,
-        "audio": "copied" if info.has_audio else None,
-        "temporal": temporal,
-        "faces_seen": counts["faces"],
-        "faces_restored": counts["restored"],
-    }
-    if temporal:
-        entry["tracks"] = _track_records(first_results, clip.tracks)
-    return entry
+    return VideoRecord(
+        frames=info.frames,
+        fps=round(float(info.rate), 3),
+        size=info.size,
+        rotation=info.rotation,
+        audio="copied" if info.has_audio else None,
+        temporal=temporal,
+        faces_seen=counts["faces"],
+        faces_restored=counts["restored"],
+        tracks=tuple(_track_records(first_results, clip.tracks)) if temporal else (),
+    )
+
+
+def restore_video_job(
+    restorer: Restorer, job: Job, settings: RunSettings, progress: ClipProgress | None = None
+) -> Entry:
+    """A run's video: its report entry; a failure is an error entry, and the batch goes on."""
+    try:
+        refuse_overwrite(Path(job.src), Path(job.dst))
+        if settings.upscale != 1.0 or settings.aligned:
+            raise VideoError(f"{job.src}: upscale and aligned are for photos; a video keeps its size")
+        record = restore_video(
+            restorer,
+            job.src,
+            job.dst,
+            settings.mode,
+            temporal=settings.temporal,
+            strength=settings.strength,
+            progress=progress,
+            keep_colours=settings.keep_colours,
+        )
+    except Exception as exc:
+        return Entry.failed(job.src, exc)
+    status = Status.OK if record.faces_restored else Status.NO_FACE
+    return Entry(job.src, job.dst, status, video=record)

@@ -71,11 +71,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_weights(explicit: str | Path | None = None) -> WeightsSource:
-    """Resolve the checkpoint: explicit path, ``$DMDNET_WEIGHTS``, the cache, then the bundled demo.
+def find_weights(explicit: str | Path | WeightsSource | None = None) -> WeightsSource:
+    """Resolve the checkpoint: explicit path, ``$DMDNET_WEIGHTS``, the cache, then the bundled demo
+    (a source already resolved is kept, with its origin).
 
     Never touches the network: ``dmdnet weights download`` fetches the authors' file on request.
     """
+    if isinstance(explicit, WeightsSource):
+        return explicit
     for origin, value in (("--weights", explicit), ("DMDNET_WEIGHTS", os.environ.get("DMDNET_WEIGHTS"))):
         if value:
             path = Path(value).expanduser()
@@ -253,7 +256,7 @@ class LoadedModel:
 
 
 def load_model(
-    path: str | Path | None = None,
+    path: str | Path | WeightsSource | None = None,
     device: str | torch.device | None = None,
     precision: str | torch.dtype | None = None,
 ) -> LoadedModel:

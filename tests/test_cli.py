@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA, small_net
 from photo_folders import CLI
 from PIL import Image
+from report_schema import checked
 
 from dmdnet_plugin.align import CROP_MASK, paste_face
 from dmdnet_plugin.cli import main
@@ -20,7 +21,7 @@ from dmdnet_plugin.face_helper import FaceHelper
 from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.identity import IdentityDictionary
 from dmdnet_plugin.io import read_image
-from dmdnet_plugin.weights import save_checkpoint
+from dmdnet_plugin.weights import save_checkpoint, sha256_of
 
 
 @pytest.fixture(scope="session")
@@ -174,8 +175,10 @@ def test_report_schema(tmp_path, weights):
         )
         == 1
     )
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report) == {"weights", "files"} and report["weights"]["origin"] == "--weights"
+    report = checked(tmp_path / "r.json")  # the schema of docs/cli.md
+    assert report["weights"]["origin"] == "--weights" and report["weights"]["sha256"] == sha256_of(weights)
+    assert report["precision"] == report["settings"]["precision"] in ("fp32", "bf16")
+    assert report["summary"] == {"ok": 1, "no_face": 0, "error": 1}
     ok, bad = report["files"]
     assert set(ok) >= {"input", "output", "status", "error", "faces"}
     assert ok["status"] == "ok" and ok["error"] is None and ok["output"].endswith("family.png")

@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import small_net
 from photo_folders import CLI, PHOTOS, ROOT, folder, outputs, report, restore_args
 
 from dmdnet_plugin.cli import main
-from dmdnet_plugin.face_helper import FaceHelper
-from dmdnet_plugin.faces import DlibBackend
 from dmdnet_plugin.io import read_image
-from dmdnet_plugin.pipeline import Restorer
-from dmdnet_plugin.stream import CoreShare, PhotoJob, PhotoStream, StreamOptions, journal_path
+from dmdnet_plugin.journal import journal_path
+from dmdnet_plugin.outputs import Job
+from dmdnet_plugin.settings import RunSettings
+from dmdnet_plugin.stream import CoreShare, PhotoStream
 
 
 def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(small_weights, tmp_path):
@@ -37,20 +36,21 @@ def test_the_overlapped_pipeline_gives_the_reference_paths_pixels_and_report(sma
     assert sum(len(e.get("faces", [])) for e in entries) >= 8 and "broken.png" in entries[-1]["error"]
 
     # several windows, through the Python API: faces of two photos share each model call
-    restorer = Restorer(small_net(), FaceHelper(DlibBackend("hog")))
-    jobs = [PhotoJob(p, tmp_path / "api" / f"{w}" / p.name) for w in (0, 2) for p in sorted(inputs.iterdir())]
+    settings = RunSettings.create(small_weights, "cpu", "fp32", detector="hog")
+    restorer = settings.restorer()
+    jobs = [Job(str(p), str(tmp_path / "api" / f"{w}" / p.name)) for w in (0, 2) for p in sorted(inputs.iterdir())]
     half = len(jobs) // 2
     threads, told = torch.get_num_threads(), []
     by = {
-        w: list(PhotoStream(restorer, StreamOptions(), workers=w, window=2).run(jobs[i : i + half], told.append))
+        w: list(PhotoStream(restorer, settings, workers=w, window=2).run(jobs[i : i + half], told.append))
         for w, i in ((0, 0), (2, half))
     }
     assert torch.get_num_threads() == threads  # the cores the stages had are the model's again
     assert sorted(map(id, told)) == sorted(id(e) for e in by[0] + by[2])  # done(entry): each entry, once
     for a, b in zip(by[0], by[2]):
-        assert {**a, "output": None} == {**b, "output": None}
-        if a["output"]:
-            assert Path(a["output"]).read_bytes() == Path(b["output"]).read_bytes()
+        assert a.renamed(a.input, None) == b.renamed(b.input, None)
+        if a.output:
+            assert Path(a.output).read_bytes() == Path(b.output).read_bytes()
     assert read_image(jobs[0].dst).size == read_image(jobs[0].src).size
 
 
@@ -84,7 +84,8 @@ def _journaled(journal: Path) -> list[dict]:
     entries = []
     for line in journal.read_text().splitlines():
         with contextlib.suppress(ValueError):
-            entries.append(json.loads(line)["entry"])
+            record = json.loads(line)
+            entries += [record["entry"]] if "entry" in record else []  # not a run's start
     return entries
 
 

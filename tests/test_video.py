@@ -64,12 +64,13 @@ def test_cli_restores_a_video_keeping_its_rate_size_and_audio(tmp_path, obama, c
     assert len(out["frames"]) == 8 and out["rate"] == src["rate"] == 25 and out["size"] == src["size"] == (386, 232)
     assert out["audio_packets"] == src["audio_packets"] > 0
     entry = json.loads((tmp_path / "r.json").read_text())["files"][0]
-    assert entry["status"] == "ok" and entry["audio"] == "copied" and entry["faces_restored"] == 8
+    video = entry["video"]
+    assert entry["status"] == "ok" and video["audio"] == "copied" and video["faces_restored"] == 8
     umask = os.umask(0)
     os.umask(umask)
     for written in ("obama.safetensors", "r.json", "out/clip.mp4"):  # atomic writes keep the usual file mode
         assert (tmp_path / written).stat().st_mode & 0o777 == 0o666 & ~umask, written
-    (track,) = entry["tracks"]  # one person, one track, one identity for all of its frames
+    (track,) = video["tracks"]  # one person, one track, one identity for all of its frames
     assert track["frames"] == [0, 7] and track["identity"] == "obama" and track["distance"] < 0.55
     face = (slice(40, 150), slice(150, 260))  # the face moved by at most 2 px
     changed = np.abs(out["frames"][4][face].astype(int) - src["frames"][4][face]).mean()
@@ -100,8 +101,8 @@ def test_phone_videos_are_restored_upright_and_keep_their_rotation(tmp_path):
         )
         == 0
     )
-    entry = json.loads((tmp_path / "r.json").read_text())["files"][0]
-    assert entry["rotation"] == 90 and entry["size"] == [232, 386] and entry["faces_restored"] == 3
+    video = json.loads((tmp_path / "r.json").read_text())["files"][0]["video"]
+    assert video["rotation"] == 90 and video["size"] == [232, 386] and video["faces_restored"] == 3
     with av.open(str(tmp_path / "out" / "phone.mp4")) as out:
         first = next(out.decode(video=0))
         assert first.rotation == 90 and (first.width, first.height) == (232, 386)

@@ -1,0 +1,135 @@
+"""A run: files and folders restored into a folder, resumable, with a report. One value in the core.
+
+:func:`restore_files` is what ``dmdnet restore`` calls (the CLI is its arguments and this call)
+and what a Python caller calls: it plans every output before any work (:mod:`outputs`), takes
+the output folder's lock and keeps the journal (:mod:`journal`), hands the inputs still to do to
+an engine, and writes the report (:mod:`report`). Every engine has one interface, ``restore(jobs,
+done)`` yielding report entries and calling ``done(entry)`` as each output is written:
+:class:`LocalEngine` (the photo stream, then the videos, on this machine) and
+:class:`~dmdnet_plugin.cluster.RayEngine` (Ray Data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .clips import ClipStatus
+from .io import IMAGE_EXTENSIONS
+from .journal import Files, Journal, LocalFiles
+from .outputs import Job, Plan, local_inputs, plan_jobs
+from .pipeline import Restorer
+from .report import Entry, RunReport
+from .settings import RunSettings
+from .stream import Done, PhotoStream
+from .video import VIDEO_EXTENSIONS, is_video, restore_video_job
+
+
+class Engine(Protocol):
+    """Restores a run's inputs: on this machine, or on a cluster."""
+
+    name: str
+    settings: RunSettings
+    files: Files  # how the run looks at inputs and outputs (local files, or the cluster's storage)
+
+    def plan(self, inputs: Sequence[str], output: str) -> Plan: ...
+
+    def restore(self, jobs: Sequence[Job], done: Done) -> Iterator[Entry]:
+        """The entries of ``jobs`` as they finish; ``done(entry)`` as soon as each output is written."""
+        ...
+
+
+class LocalEngine:
+    """This machine: the photos through the photo stream (``workers`` threads around the model; 0:
+    one stage after the other), then each video. ``clip_progress(src, status)``: a video's frames."""
+
+    name = "stream"
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        workers: int = 2,
+        restorer: Restorer | None = None,
+        clip_progress: Callable[[str, ClipStatus], None] | None = None,
+    ) -> None:
+        self.settings, self.workers, self.clip_progress = settings, workers, clip_progress
+        self.restorer = restorer or settings.restorer()
+        self.files = LocalFiles()
+
+    def plan(self, inputs: Sequence[str], output: str) -> Plan:
+        found = local_inputs(inputs, output, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+        return plan_jobs(found, lambda relative: str(Path(output) / relative), self.settings.save_faces)
+
+    def restore(self, jobs: Sequence[Job], done: Done) -> Iterator[Entry]:
+        with PhotoStream(self.restorer, self.settings, self.workers) as stream:
+            yield from stream.run((job for job in jobs if not is_video(job.src)), done)
+        for job in (job for job in jobs if is_video(job.src)):
+            progress = None
+            if self.clip_progress is not None:
+
+                def progress(status: ClipStatus, src: str = job.src) -> None:
+                    self.clip_progress(src, status)
+
+            entry = restore_video_job(self.restorer, job, self.settings, progress)
+            done(entry)
+            yield entry
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a run found before it restored anything (for its first lines)."""
+
+    inputs: int
+    kept: int  # finished by an earlier run, and still as they were
+    again: int  # finished by an earlier run, restored again: the input changed or the output is gone
+    refused: tuple[Entry, ...]  # refused before any work (outputs that would collide)
+
+
+def restore_files(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    settings: RunSettings | None = None,
+    *,
+    engine: Engine | None = None,
+    resume: bool = True,
+    report: str | Path | None = None,
+    on_start: Callable[[RunStart], None] | None = None,
+    on_entry: Callable[[Entry], None] | None = None,
+) -> RunReport:
+    """Restore photos and videos (files, or folders searched recursively) into ``output``.
+
+    Sub-folders are kept below ``output``. With ``resume``, the inputs an earlier run into the same
+    folder with the same settings finished are kept if nothing changed since (:mod:`journal`).
+    ``engine``: how (default: :class:`LocalEngine` with ``settings``, or :meth:`RunSettings.create`'s
+    defaults). ``report``: also write the report there (JSON). ``on_start`` and ``on_entry``: told
+    what the run found, and of each entry as it comes. Raises ValueError when no input is found,
+    :class:`~dmdnet_plugin.journal.RunLockedError` when another run writes into ``output``.
+    """
+    engine = engine or LocalEngine(settings or RunSettings.create())
+    output = str(output)
+    plan = engine.plan([str(i) for i in inputs], output)
+    if not plan.inputs:
+        raise ValueError("no input images or videos found")
+    results = {entry.input: entry for entry in plan.refused}
+    with Journal(output, engine.settings.key(), engine.files, resume) as journal:
+        todo, again = [], 0
+        for job in plan.jobs:
+            resumed = journal.resumed(job.src, job.dst)
+            if resumed.entry is not None:
+                results[job.src] = resumed.entry
+            else:
+                todo.append(job)
+                again += resumed.again is not None
+        if on_start:
+            on_start(RunStart(len(plan.inputs), len(plan.jobs) - len(todo), again, plan.refused))
+        journal.begin([job.src for job in todo])
+        for entry in engine.restore(todo, journal.add):
+            results[entry.input] = entry
+            if on_entry:
+                on_entry(entry)
+    done = RunReport(engine.settings, tuple(results[src] for src in plan.inputs), engine.name)
+    if report:
+        done.write(report)
+    return done
