@@ -183,8 +183,11 @@ def _download_official() -> str:
         mm.throw_exception_if_processing_interrupted()
 
     log.info("DMDNet Model Loader: downloading %s from %s", OFFICIAL_NAME, url)
-    try:
+    try:  # progress is called every 0.2 s even while the server is silent, so a cancel stops it at once
         return str(download_official(url, target, progress=progress))
+    except mm.InterruptProcessingException:
+        log.info("DMDNet Model Loader: download of %s cancelled; nothing was kept", OFFICIAL_NAME)
+        raise
     except WeightsError as exc:
         raise RuntimeError(
             f"DMDNet Model Loader: downloading {OFFICIAL_NAME} failed: {exc}. Download it yourself from {url} "

@@ -9,20 +9,22 @@ Every failure is an :class:`ImageError` whose message names the file and the pro
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL.TiffImagePlugin import TILELENGTH, TILEWIDTH
 
 from .atomic import atomic_path
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")  # Pillow's names; JPEG includes the MPO files of phones
 MAX_PIXELS = 120_000_000  # a 12000x10000 photo; larger ones are refused, not swapped to death
 MIN_SIDE = 8
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def full_scale(dtype: np.dtype) -> float:
@@ -102,11 +104,18 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _decode_16bit(data: bytes, name: str, orientation: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """16-bit files through OpenCV, which (unlike Pillow) keeps 16-bit colour."""
+def _decode_16bit(
+    data: bytes, name: str, size: tuple[int, int], orientation: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """16-bit files through OpenCV, which (unlike Pillow) keeps 16-bit colour. OpenCV reads the header
+    itself: pixels of another ``size`` than the one checked mean a header that says two things."""
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageError(f"{name}: cannot decode 16-bit image")
+    if (arr.shape[1], arr.shape[0]) != size:
+        raise ImageError(
+            f"{name}: corrupt image (its header gives both {size[0]}x{size[1]} and {arr.shape[1]}x{arr.shape[0]})"
+        )
     alpha = None
     if arr.ndim == 3:
         if arr.shape[2] == 4:
@@ -127,16 +136,45 @@ def _is_16bit(data: bytes, im: Image.Image) -> bool:
     return False
 
 
+def _open(data: bytes) -> ImageFile.ImageFile:
+    """The file as Pillow's reader of its format sees it after reading the header, and nothing more.
+    Not ``Image.open``: its decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, a setting of the whole
+    process, which may be ComfyUI's) only warns up to twice the limit; here :func:`check_pixels` is the
+    rule. Only :data:`FORMATS`, whose header bounds what their decoder allocates: Pillow decodes an ICO's
+    largest embedded PNG, of any size, while opening it."""
+    Image.init()
+    for fmt in FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept(data[:16]) is True:  # a string means "recognised, but this Pillow cannot read it"
+            try:
+                return factory(io.BytesIO(data), "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open calls unidentified
+                break
+    raise UnidentifiedImageError
+
+
+def _check_header(im: ImageFile.ImageFile, name: str) -> None:
+    """:func:`check_pixels` on the header's size. A TIFF decoder also holds one whole tile, and a tile may
+    be larger than the image: a 64x64 TIFF can claim 60000x60000 tiles, and then costs as much as an
+    image of that size."""
+    check_pixels(*im.size, name)
+    if im.format == "TIFF" and TILEWIDTH in im.tag_v2:
+        tile = im.tag_v2[TILEWIDTH], im.tag_v2.get(TILELENGTH, 0)
+        check_pixels(max(im.width, tile[0]), max(im.height, tile[1]), f"{name} (in tiles of {tile[0]}x{tile[1]})")
+
+
 def decode_image(data: bytes, name: str = "<image>") -> Picture:
-    """Decode an encoded photo; ``name`` is used in error messages."""
+    """Decode an encoded photo; ``name`` is used in error messages. The size is checked from the header
+    before anything is decoded (even reading a PNG's EXIF decodes it)."""
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _open(data) as im:
+            _check_header(im, name)
             orientation = im.getexif().get(0x0112, 1)
             if _is_16bit(data, im):
-                im.load()
-                pixels, alpha = _decode_16bit(data, name, orientation)
+                im.load()  # Pillow's decoder refuses data that disagrees with the header Pillow read
+                pixels, alpha = _decode_16bit(data, name, im.size, orientation)
             else:
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("P", "PA"):
@@ -149,15 +187,12 @@ def decode_image(data: bytes, name: str = "<image>") -> Picture:
                     pixels, alpha = arr[..., :3].copy(), arr[..., 3].copy()
                 else:  # RGB, CMYK, YCbCr, 1, F...
                     pixels, alpha = np.asarray(im.convert("RGB")).copy(), None
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image is larger than {MAX_PIXELS} pixels") from None
+        raise ImageError(f"{name}: not an image file (PNG, JPEG, WebP, TIFF or BMP)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: truncated or corrupt image ({exc})") from None
-    h, w = pixels.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise ImageError(f"{name}: image is {w}x{h} pixels, too small to hold a face")
     return Picture(pixels, alpha)
 
 

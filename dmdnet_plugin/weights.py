@@ -8,13 +8,24 @@ checkpoint from the internet must never run code when it is opened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import json
 import os
+import queue
+import re
+import socket
+import threading
+import time
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+import zipfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -23,6 +34,7 @@ from .identity import IdentityDictionary
 from .model import KEY_SCALE, DMDNet
 from .runtime import cache_dir, pick_device, pick_precision, tune_cpu_allocator
 from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
+from .text import printable
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
 OFFICIAL_NAME = "DMDNet.pth"
@@ -37,6 +49,17 @@ DEMO_NOTE = (
     "using the small bundled demo model (trained on a CPU on a few hundred faces, far below the "
     "authors' weights); run `dmdnet weights download` for the authors' DMDNet.pth"
 )
+# Download limits for the authors' file (150.8 M float32 parameters: about 603 MB) on a slow home line.
+# The deadline lets any line faster than about 450 kbit/s finish (a 1 Mbit/s line takes 80 minutes);
+# the minimum rate only catches stalls and trickles, measured over a window that is also the grace
+# period before the first check.
+DOWNLOAD_DEADLINE_S = 3 * 3600.0
+DOWNLOAD_MIN_RATE_KIB_S = 8.0
+DOWNLOAD_WINDOW_S = 60.0
+DOWNLOAD_MAX_BYTES = 2 << 30  # a server sending more than this is not serving a DMDNet checkpoint
+_SOCKET_TIMEOUT_S = 30.0  # per socket operation; bounds a connect or a TLS handshake, which cannot be woken
+_POLL_S = 0.2  # how often a waiting download checks its limits and calls progress (which may cancel it)
+_SCHEMES = ("http", "https")
 
 
 class WeightsError(RuntimeError):
@@ -83,7 +106,7 @@ def find_weights(explicit: str | Path | WeightsSource | None = None) -> WeightsS
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise WeightsError(f"{path}: weights file not found (given by {origin})")
+                raise WeightsError(f"{printable(path)}: weights file not found (given by {origin})")
             return WeightsSource(path, origin)
     for path in sorted(cache_dir().glob("*.safetensors")) + [cache_dir() / OFFICIAL_NAME]:
         if path.is_file():
@@ -107,58 +130,271 @@ def official_url() -> str:
 
 
 def download_official(
-    url: str | None = None, target: Path | None = None, progress: Callable[[int, int | None], None] | None = None
+    url: str | None = None,
+    target: Path | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    *,
+    deadline_s: float = DOWNLOAD_DEADLINE_S,
+    min_rate_kib_s: float = DOWNLOAD_MIN_RATE_KIB_S,
+    window_s: float = DOWNLOAD_WINDOW_S,
+    max_bytes: int = DOWNLOAD_MAX_BYTES,
 ) -> Path:
     """Fetch the authors' checkpoint (from :func:`official_url` by default) into the cache, atomically.
 
     ``progress(bytes done, bytes in all or None)`` replaces the terminal progress bar (ComfyUI
-    shows its own). The integrity check is a strict load (every tensor name and shape of the
-    configuration the file claims): a truncated, HTML or foreign file never reaches the target.
+    shows its own); it is called at least every 0.2 s, data or not, so an exception it raises (a
+    cancel) stops the download within that time and propagates unchanged. The download stops with
+    a :class:`WeightsError` after ``deadline_s``, or when less than ``min_rate_kib_s`` arrived over
+    the last ``window_s`` (checked from ``window_s`` on). Only http and https are fetched. The
+    integrity check is a strict load (every tensor name and shape of the configuration the file
+    claims): a partial, HTML or foreign file never reaches the target.
     """
-    from tqdm import tqdm
-
     url = url or official_url()
+    source = f"download from {printable(url)}"
+    if urllib.parse.urlsplit(url).scheme.lower() not in _SCHEMES:
+        raise WeightsError(f"{source} refused: only http:// and https:// URLs are fetched")
     target = target or cache_dir() / OFFICIAL_NAME
+    pace = _Pace(deadline_s, min_rate_kib_s * 1024, window_s, max_bytes)
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, atomic_path(target) as tmp:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=progress is not None)
-            done = 0
-            with open(tmp, "wb") as out, bar:
-                while chunk := response.read(1 << 20):
-                    done += out.write(chunk)
-                    bar.update(len(chunk))
-                    if progress:
-                        progress(done, total)
-            try:
-                state, config = read_state_dict(tmp)
-                build_model(state, config, source=f"download from {url}")
-            except WeightsError as exc:
-                raise WeightsError(str(exc).replace(str(tmp), f"download from {url}")) from None
-    except OSError as exc:
-        raise WeightsError(f"download from {url} failed ({exc})") from None
+        with atomic_path(target) as tmp, _progress_or_bar(progress, target.name) as report:
+            with open(tmp, "wb") as out:
+                _fetch(url, out, report, pace)
+            state, config = read_state_dict(tmp, source=source)
+            build_model(state, config, source=source)
+    except _Stop as exc:
+        raise WeightsError(f"{source} stopped: {exc}; nothing was kept") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise WeightsError(f"{source} failed ({printable(exc)})") from None
     return target
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict and stored configuration (None when the file has none) of any supported file."""
-    path = Path(path)
+class _Stop(Exception):
+    """A download limit was hit; the message says which."""
+
+
+@dataclass
+class _Pace:
+    """The limits of one download: an overall deadline, a size cap, and a minimum rate over a sliding window."""
+
+    deadline_s: float
+    min_rate: float  # bytes per second
+    window_s: float
+    max_bytes: int
+    start: float = field(default_factory=time.monotonic)
+    samples: deque[tuple[float, int]] = field(default_factory=deque)  # (time, bytes done), the window's start on
+
+    def __post_init__(self) -> None:
+        self.samples.append((self.start, 0))
+
+    def check(self, done: int, total: int | None) -> None:
+        """Raise :class:`_Stop` when the download must end now."""
+        now = time.monotonic()
+        self.samples.append((now, done))
+        while len(self.samples) > 1 and self.samples[1][0] <= now - self.window_s:
+            self.samples.popleft()
+        if max(done, total or 0) > self.max_bytes:
+            raise _Stop(f"more than {self.max_bytes} bytes, far more than a DMDNet checkpoint")
+        if now - self.start > self.deadline_s:
+            raise _Stop(f"took longer than the deadline of {self.deadline_s:g} s ({done} of {total or '?'} bytes)")
+        then, before = self.samples[0]
+        if now - then >= self.window_s and done - before < self.min_rate * (now - then):
+            if done == before:
+                raise _Stop(f"no data for {self.window_s:g} s")
+            rate = (done - before) / (now - then) / 1024
+            raise _Stop(
+                f"too slow: {rate:.3g} KiB/s over the last {self.window_s:g} s "
+                f"(the minimum is {self.min_rate / 1024:g} KiB/s)"
+            )
+
+
+def _fetch(url: str, out: BinaryIO, report: Callable[[int, int | None], None], pace: _Pace) -> None:
+    """Copy ``url`` into ``out`` while a reader thread waits on the network.
+
+    A thread blocked in a socket read notices neither a deadline nor a cancel, so this thread
+    checks both every ``_POLL_S`` and, when it gives up, shuts the sockets down to wake the reader.
+    """
+    events: queue.Queue = queue.Queue()
+    sockets = _Sockets()
+    threading.Thread(target=_read, args=(url, events, sockets), name="dmdnet-download", daemon=True).start()
+    done, total, reported = 0, None, 0.0
     try:
+        while True:
+            try:
+                kind, value = events.get(timeout=_POLL_S)
+            except queue.Empty:
+                kind, value = "wait", None
+            if kind == "error":
+                raise value
+            if kind == "size":
+                total = value
+            elif kind == "data":
+                done += out.write(value)
+            elif kind == "end" and total is not None and done < total:
+                raise _Stop(f"the connection closed after {done} of {total} bytes")
+            pace.check(done, total)
+            if kind != "data" or time.monotonic() - reported >= _POLL_S:
+                report(done, total)
+                reported = time.monotonic()
+            if kind == "end":
+                return
+    finally:
+        sockets.shut()
+
+
+def _read(url: str, events: queue.Queue, sockets: _Sockets) -> None:
+    """The reader thread: ("size", Content-Length or None), ("data", bytes)..., then ("end" or "error", ...)."""
+    try:
+        with _opener(sockets).open(url, timeout=_SOCKET_TIMEOUT_S) as response:
+            events.put(("size", int(response.headers.get("Content-Length") or 0) or None))
+            while not sockets.is_shut() and (chunk := response.read1(1 << 16)):
+                events.put(("data", chunk))
+        events.put(("end", None))
+    except Exception as exc:  # anything: the waiting thread decides what it means
+        events.put(("error", exc))
+
+
+class _Sockets:
+    """The sockets one download opened. Shutting a socket down is the one way to wake a thread blocked
+    reading it; one connected after :meth:`shut` is shut at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._shut = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.append(sock)
+            if self._shut:
+                self._close(sock)
+
+    def shut(self) -> None:
+        with self._lock:
+            self._shut = True
+            for sock in self._open:
+                self._close(sock)
+
+    def is_shut(self) -> bool:
+        return self._shut
+
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _opener(sockets: _Sockets) -> urllib.request.OpenerDirector:
+    """urllib for http and https only (redirects and proxies included), recording each socket it connects."""
+
+    def recorded(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Connection(base):
+            def connect(self) -> None:
+                super().connect()
+                sockets.add(self.sock)
+
+        return Connection
+
+    http_connection, https_connection = recorded(http.client.HTTPConnection), recorded(http.client.HTTPSConnection)
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(http_connection, req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(https_connection, req)  # the default, certificate-checking context
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),  # a redirect to ftp:// is "unknown url type", not a crash
+        Http(),
+        Https(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+@contextlib.contextmanager
+def _progress_or_bar(progress: Callable[[int, int | None], None] | None, name: str) -> Iterator[Callable]:
+    """``progress`` itself, or a callback drawing tqdm's bar on the terminal."""
+    if progress is not None:
+        yield progress
+        return
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:  # not `bar or`: a tqdm bar of total 0 is falsy
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=name)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_MARKUP = re.compile(rb"\s*<(\?xml|!doctype html|html|head|body)", re.IGNORECASE)
+
+
+def _plain_problem(path: Path) -> str | None:
+    """What is wrong with a file whose decoder would say it badly: torch.load reports an empty file as
+    an empty EOFError, a web page as an unpickling refusal and a cut zip as a miniz error."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+        size = f.seek(0, 2)
+    if size == 0:
+        return "empty file"
+    if markup := _MARKUP.match(head.removeprefix(b"\xef\xbb\xbf")):
+        page = "an XML document" if markup.group(1) == b"?xml" else "an HTML page"
+        return f"{page}, not a checkpoint: a web page was saved in place of the file"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"truncated or corrupt: a zip archive of {size} bytes without the directory that ends it"
+    return None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The exception's type and the first sentence of its message (torch's run to several lines of advice)."""
+    text = (str(exc).splitlines() or [""])[0].split(". ")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_state_dict(path: str | Path, source: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and stored configuration (None when the file has none) of any supported file.
+
+    Errors name ``source`` (the path by default) and say in one line what is wrong with the file.
+    """
+    path = Path(path)
+    source = source or printable(path)
+    try:
+        if problem := _plain_problem(path):
+            raise WeightsError(f"{source}: not a readable checkpoint ({problem})")
         if path.suffix == ".safetensors":
             state, meta = read_safetensors(path, MAX_HEADER)
             config = json_field(meta, "config") if "config" in meta else None
             return state, config if isinstance(config, dict) else None
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise WeightsError(f"{path}: weights file not found") from None
+        raise WeightsError(f"{source}: weights file not found") from None
+    except WeightsError:
+        raise
     except TensorFileError as exc:
-        raise WeightsError(f"{path}: not a readable checkpoint ({exc})") from None
-    except Exception as exc:  # torch.load: zip, pickle and weights_only refusals each have their own type
+        raise WeightsError(f"{source}: not a readable checkpoint (truncated or corrupt safetensors: {exc})") from None
+    except (EOFError, zipfile.BadZipFile) as exc:
         raise WeightsError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            f"{source}: not a readable checkpoint (truncated or corrupt: {_first_sentence(exc)})"
         ) from None
+    except Exception as exc:  # torch.load: zip, pickle and weights_only refusals each have their own type
+        raise WeightsError(f"{source}: not a readable checkpoint ({_first_sentence(exc)})") from None
     if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise WeightsError(f"{source}: expected a state dict, found {type(obj).__name__}")
     config = obj.get("config") if isinstance(obj.get("config"), dict) else None
     for key in ("params_ema", "params"):
         if isinstance(obj.get(key), dict):
@@ -166,7 +402,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
             break
     state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not state:
-        raise WeightsError(f"{path}: holds no tensors")
+        raise WeightsError(f"{source}: holds no tensors")
     return state, config
 
 
@@ -269,7 +505,7 @@ def load_model(
     """
     source = find_weights(path)
     state, config = read_state_dict(source.path)
-    net = build_model(state, config, source=str(source.path))
+    net = build_model(state, config, source=printable(source.path))
     device = pick_device(device)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -292,4 +528,4 @@ def save_checkpoint(model: DMDNet, path: str | Path, half: bool = False) -> Path
 def convert(src: str | Path, dst: str | Path, half: bool = False) -> Path:
     """Any supported checkpoint -> our ``.safetensors`` (checked by a strict load first)."""
     state, config = read_state_dict(src)
-    return save_checkpoint(build_model(state, config, source=str(src)), dst, half=half)
+    return save_checkpoint(build_model(state, config, source=printable(src)), dst, half=half)

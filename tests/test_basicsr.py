@@ -119,7 +119,8 @@ def test_bf16_autocast_training_on_cpu(run_name):
     assert {name for name, _ in losses} == {"l_pix_generic", "l_pix_identity"}
     assert all(math.isfinite(float(value)) for _, value in losses)
     proc = train(run_name + "_fp8", "train:autocast=fp8", "train:total_iter=1")
-    shutil.rmtree(ROOT / "experiments" / (run_name + "_fp8"), ignore_errors=True)
+    for folder in ("experiments", "tb_logger"):  # BasicSR makes both before the option check stops the run
+        shutil.rmtree(ROOT / folder / (run_name + "_fp8"), ignore_errors=True)
     assert (
         proc.returncode != 0
         and "error: train.autocast: got 'fp8' (str), expected bf16, or nothing for fp32" in proc.stderr
@@ -524,3 +525,92 @@ def test_test_py_evaluates_a_checkpoint_on_a_paired_set(tmp_path):
         assert "Number of test images in tiny_pairs: 4" in log
     finally:
         shutil.rmtree(ROOT / "results" / name, ignore_errors=True)
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The checkout's files as a fresh clone has them: tracked and new ones, nothing git ignores
+    (no datasets/, results/ or experiments/), so a run there needs only what the repository ships."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    for name in filter(None, listed.split(b"\0")):
+        src = ROOT / os.fsdecode(name)
+        if src.is_file():  # a tracked file being deleted is not there
+            (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / os.fsdecode(name))
+    return dest
+
+
+def test_readme_test_command_runs_on_a_fresh_clone(tmp_path):
+    """README's `python basicsr_arch/test.py -opt options/test_dmdnet.yml`, as written, from the root of a
+    fresh clone (in a copy, so that BasicSR's results/test_DMDNet, or its archiving of an earlier one,
+    never touches the checkout): the bundled demo model on the shipped held-out pairs."""
+    clone = fresh_clone(tmp_path / "clone")
+    assert not (clone / "datasets").exists() and not (clone / "results").exists()
+    proc = subprocess.run(
+        [sys.executable, "basicsr_arch/test.py", "-opt", "options/test_dmdnet.yml"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = clone / "results" / "test_DMDNet"
+    log = "".join(p.read_text() for p in results.glob("test_test_DMDNet_*.log"))
+    assert "Loading DMDNet weights from dmdnet_plugin/data/dmdnet_demo.safetensors" in log
+    assert "Number of test images in heldout_pairs: 2" in log
+    line = re.search(r"Validation heldout_pairs @ test_DMDNet: (.*)", log).group(1)
+    metrics = {k: float(v) for k, v in (item.split(" ") for item in line.split(", "))}
+    for branch in ("generic", "identity"):  # people the demo model never saw: both outputs beat the input
+        assert metrics[f"psnr_{branch}"] > metrics["psnr_input"] and metrics[f"ssim_{branch}"] > metrics["ssim_input"]
+    shown = results / "visualization" / "heldout_pairs"
+    faces = ("00121_2", "00146_0")
+    assert sorted(p.name for p in shown.iterdir()) == sorted(
+        f"{f}_{s}.png" for f in faces for s in ("test_DMDNet", "generic", "identity")
+    )
+    for face in faces:
+        grid = cv2.imread(str(shown / f"{face}_test_DMDNet.png"))
+        assert grid.shape == (512, 2048, 3)  # input | generic | identity | ground truth
+        truth = cv2.imread(str(DATA / "heldout" / face[:5] / f"{face[6:]}.jpg"))
+        assert np.array_equal(grid[:, 1536:], truth)
+        generic, identity = (cv2.imread(str(shown / f"{face}_{b}.png")).astype(int) for b in ("generic", "identity"))
+        assert np.abs(generic - identity).mean() > 0.1  # the identity branch read the person's references
+
+
+def test_the_shipped_pairs_are_what_make_pairs_writes(tmp_path):
+    """tests/data/heldout_lq is the project's own seeded degradation of tests/data/heldout, as its
+    SOURCES.md says: the command there writes the same pixels and landmarks again."""
+    shipped = DATA / "heldout_lq"
+    cmd = [sys.executable, "basicsr_arch/make_pairs.py", "tests/data/heldout", str(tmp_path / "lq")]
+    proc = subprocess.run([*cmd, "--faces", "00121/2", "00146/0"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 low-quality faces written to" in proc.stdout
+
+    def files(root: Path) -> list[str]:
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    faces = ["00121/2.png", "00121/2.png.txt", "00146/0.png", "00146/0.png.txt"]
+    assert files(shipped) == [*faces, "SOURCES.md"] and files(tmp_path / "lq") == faces
+    for name in ("00121/2", "00146/0"):
+        ours, theirs = (cv2.imread(str(root / f"{name}.png")).astype(int) for root in (tmp_path / "lq", shipped))
+        # 0 here; the same face with seeds 1-3 instead differs by 4.9 levels on average
+        assert np.abs(ours - theirs).mean() < 0.25, name
+        marks = np.loadtxt(shipped / f"{name}.png.txt")
+        assert np.allclose(np.loadtxt(tmp_path / "lq" / f"{name}.png.txt"), marks)
+        assert np.abs(marks - np.loadtxt(DATA / "heldout" / f"{name}.jpg.txt")).max() <= 0.005
+
+    def refused(*args: str) -> list[str]:
+        proc = subprocess.run([*cmd[:2], *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        return proc.stderr.strip().splitlines()
+
+    assert refused("tests/data/heldout", str(tmp_path / "x"), "--faces", "00121/9") == [
+        "error: tests/data/heldout: no face 00121/9"
+    ]
+    assert refused("tests/data/heldout", "tests/data/heldout/lq") == [
+        "error: tests/data/heldout/lq: inside tests/data/heldout, where the copies would be read as faces"
+    ]
+    assert not (DATA / "heldout" / "lq").exists() and not (tmp_path / "x").exists()

@@ -471,3 +471,59 @@ def test_the_loader_downloads_the_authors_file_once_and_refuses_bad_ones(comfy, 
         listed = nodes["DMDNetModelLoader"].define_schema().inputs[0].options["options"]
         assert "DMDNet.pth" in listed and "DMDNet.pth (download)" in listed  # a saved graph still validates
     target.unlink()
+
+
+def test_a_bad_local_checkpoint_is_a_node_error_of_one_line(comfy):
+    """An empty file in models/dmdnet (a failed copy) is refused with the file and the problem, no traceback."""
+    pack, models = comfy
+    from dmdnet_plugin.weights import WeightsError
+
+    broken = models / "dmdnet" / "broken.pth"
+    broken.write_bytes(b"")
+    try:
+        with pytest.raises(WeightsError) as err:
+            call(node_classes(pack), "DMDNetModelLoader", "broken.pth", "cpu", "fp32")
+        assert str(err.value) == f"{broken}: not a readable checkpoint (empty file)"
+    finally:
+        broken.unlink()
+
+
+def test_the_download_entry_stops_within_a_second_when_processing_is_interrupted(comfy, monkeypatch, caplog):
+    """ComfyUI's cancel reaches a download whose server has gone silent after the headers."""
+    import logging
+    import time
+
+    import comfy.model_management as mm
+
+    pack, models = comfy
+    release = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(110 << 20))
+            self.end_headers()
+            release.wait(60)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("DMDNET_WEIGHTS_URL", f"http://127.0.0.1:{server.server_address[1]}/DMDNet.pth")
+    nodes = node_classes(pack)
+    interrupted_at = []
+    cancel = threading.Timer(0.5, lambda: interrupted_at.append(time.monotonic()) or setattr(mm, "interrupted", True))
+    cancel.start()
+    try:
+        with pytest.raises(mm.InterruptProcessingException), caplog.at_level(logging.INFO):
+            call(nodes, "DMDNetModelLoader", "DMDNet.pth (download)", "cpu", "fp32")
+        assert interrupted_at and time.monotonic() - interrupted_at[0] < 1.0
+        assert "download of DMDNet.pth cancelled; nothing was kept" in caplog.text
+    finally:
+        cancel.cancel()
+        mm.interrupted = False
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert not list((models / "dmdnet").glob("*DMDNet.pth*"))  # neither the file nor a partial one

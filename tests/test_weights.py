@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from parity_inputs import load_parity_inputs
 
 from dmdnet_plugin import WeightsError, convert, load_model
-from dmdnet_plugin.weights import find_weights, read_state_dict
+from dmdnet_plugin.text import printable
+from dmdnet_plugin.weights import find_weights, read_state_dict, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +79,48 @@ def test_pickled_code_is_never_executed(tmp_path, capsys):
     assert "must never run" not in capsys.readouterr().out
 
 
-def test_text_and_empty_files_are_refused(tmp_path):
-    (tmp_path / "notes.pth").write_text("hello")
-    (tmp_path / "empty.safetensors").write_bytes(b"")
-    for name in ("notes.pth", "empty.safetensors"):
-        with pytest.raises(WeightsError, match=f"{name}: not a readable checkpoint"):
-            load_model(tmp_path / name, device="cpu")
+@pytest.fixture(scope="module")
+def bad_checkpoints(small, tmp_path_factory) -> dict[Path, str]:
+    """Files that are not checkpoints, each with the problem its one-line error must name."""
+    folder = tmp_path_factory.mktemp("bad")
+    torch.save(small.state_dict(), folder / "whole.pth")
+    pth = (folder / "whole.pth").read_bytes()
+    ours = save_checkpoint(small, folder / "whole.safetensors").read_bytes()
+    page = b"<!DOCTYPE html>\n<html><head><title>DMDNet.pth</title></head><body>Sign in</body></html>"
+    files = {
+        "empty.pth": (b"", r"empty file"),
+        "empty.safetensors": (b"", r"empty file"),
+        "bad\nname.pth": (b"", r"empty file"),  # a control character in the name stays escaped
+        "cut.pth": (pth[: len(pth) // 2], r"truncated or corrupt: a zip archive"),
+        "cut.safetensors": (ours[: len(ours) // 2], r"truncated or corrupt safetensors"),
+        "saved-page.pth": (page, r"an HTML page, not a checkpoint"),
+        "saved-page.safetensors": (b"\xef\xbb\xbf " + page, r"an HTML page, not a checkpoint"),
+        "notes.pth": (b"hello", r"KeyError: 101"),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {folder / name: problem for name, (_, problem) in files.items()}
+
+
+def test_empty_cut_and_html_files_are_refused_in_one_line(bad_checkpoints):
+    for path, problem in bad_checkpoints.items():
+        with pytest.raises(WeightsError) as err:
+            load_model(path, device="cpu")
+        message = str(err.value)
+        assert re.fullmatch(f"{re.escape(printable(path))}: not a readable checkpoint \\({problem}.*\\)", message)
+        assert "\n" not in message
+
+
+def test_the_cli_says_one_error_line_for_a_bad_weights_file(bad_checkpoints, tmp_path, capsys):
+    from dmdnet_plugin.cli import main
+
+    photo = str(Path(__file__).parent / "data" / "photos" / "family.jpg")
+    for path, problem in bad_checkpoints.items():
+        assert main(["restore", photo, "-o", str(tmp_path / "out"), "--weights", str(path)]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {printable(path)}: not a readable checkpoint (")
+        assert re.search(problem, errors[0]) and "Traceback" not in err
 
 
 def test_discovery_order_ends_at_the_bundled_demo_and_never_downloads(small, tmp_path, monkeypatch):
@@ -157,7 +196,8 @@ def test_weights_download_checks_the_file_before_keeping_it(small, tmp_path, htt
     cache = tmp_path / "cache"
     assert main(["weights", "download", "--url", f"{url}/page.html", "--to", str(cache)]) == 2
     err = capsys.readouterr().err
-    assert "page.html" in err and "not a readable checkpoint" in err and not (cache / "DMDNet.pth").exists()
+    assert "page.html: not a readable checkpoint (an HTML page, not a checkpoint" in err
+    assert not (cache / "DMDNet.pth").exists()
     assert main(["weights", "download", "--url", f"{url}/missing.pth", "--to", str(cache)]) == 2
     assert "404" in capsys.readouterr().err and not list(cache.glob("*"))
     assert main(["weights", "download", "--url", f"{url}/DMDNet.pth", "--to", str(cache)]) == 0
