@@ -150,6 +150,7 @@ class _Frames:
                             self.sink[0].mux(packet)
                         continue
                     for frame in packet.decode():
+                        check_pixels(frame.width, frame.height, f"{self.src}: frame")  # the size may change
                         if self.sink is not None:
                             self.timing.append((frame.pts, frame.time_base))
                         yield Picture(self.info.upright(frame))

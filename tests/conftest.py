@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from dmdnet_plugin import DMDNet  # noqa: E402
 from dmdnet_plugin.runtime import tune_cpu_allocator  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
+# the runs' journals and locks, and the precision calibration, in a folder of this session, not in ~/.cache
+os.environ.setdefault("DMDNET_CACHE", tempfile.mkdtemp(prefix="dmdnet_test_cache_"))
 tune_cpu_allocator()
 torch.set_num_threads(min(torch.get_num_threads(), 4))
 
