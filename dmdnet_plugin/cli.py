@@ -69,27 +69,11 @@ def _restorer(args) -> Restorer:
 
 
 def run_settings(args) -> RunSettings:
-    """``restore``'s options as the run's one settings record."""
+    """``restore``'s options as the run's one settings record (every option of the record is one of
+    ``restore``'s: a new one without its option fails here at once)."""
+    options = {name: getattr(args, name) for name in RunSettings.options()}
     return RunSettings.create(
-        args.weights,
-        args.device,
-        args.precision,
-        args.identity,
-        args.mode,
-        args.detector,
-        args.face_models,
-        upscale=args.upscale,
-        strength=args.strength,
-        keep_colours=args.keep_colours,
-        aligned=args.aligned,
-        temporal=args.temporal,
-        threshold=args.threshold,
-        margin=args.margin,
-        min_face=args.min_face,
-        only_largest=args.only_largest,
-        max_faces=args.max_faces,
-        batch_size=args.batch_size,
-        save_faces=args.save_faces,
+        args.weights, args.device, args.precision, args.identity, args.mode, args.detector, args.face_models, **options
     )
 
 

@@ -124,6 +124,13 @@ class RunSettings:
         settings.check()
         return settings
 
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The fields :meth:`create` takes as they are (the others it resolves): a surface passes
+        each of them, so a field added here is an option every surface must pass."""
+        resolved = {"weights", "device", "precision", "mode", "identities", "detector", "face_models", "version"}
+        return tuple(f.name for f in fields(cls) if f.name not in resolved)
+
     def check(self) -> None:
         """Values no run can use are refused up front (not found photo by photo)."""
         problems = [
