@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .clips import ClipStatus
-from .cluster import ClusterError
+from .cluster import ClusterError, RayEngine, RayPlan
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, Face, FaceBackend, FaceModelsError, landmark_path, shared_backend, write_landmarks
 from .factory import load_restorer
@@ -105,14 +105,13 @@ def cmd_restore(args) -> int:
     return 1 if report.failed else 0
 
 
-def _ray_engine(args, settings: RunSettings):
+def _ray_engine(args, settings: RunSettings) -> RayEngine:
     """``restore --ray``: the photos restored by Ray Data operators (:mod:`cluster`)."""
     try:
-        from . import cluster
+        import ray.data  # noqa: F401  (the [ray] extra)
     except ImportError as exc:
         raise CliError(f'--ray needs Ray Data: pip install "dmdnet-plugin[ray]" ({exc})') from None
-    plan = cluster.RayPlan(restore_actors=args.ray_actors)
-    return cluster.RayEngine(settings, args.ray_address, plan, args.precision)
+    return RayEngine(settings, args.ray_address, RayPlan(restore_actors=args.ray_actors), args.precision)
 
 
 class _Progress:
