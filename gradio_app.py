@@ -1,32 +1,50 @@
 """Gradio demo: upload a photo (or a short video) and a few good pictures of the same person.
 
-    python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda] [--share]
-                         [--mcp] [--identities DIR]
+    python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda]
+                         [--precision auto|fp32|fp16|bf16] [--detector auto|hog|cnn|retinaface]
+                         [--face-models DIR] [--share] [--mcp] [--identities DIR]
 
 Glue around dmdnet_plugin's Restorer (the CLI's pipeline, built by the same factory). The
 model loads once and is shared by all requests; the queue runs one restoration at a time.
 With ``--mcp`` (or ``GRADIO_MCP_SERVER=True``) the app is also a Model Context Protocol server
 whose tools (``restore_photo``, ``build_identity``, ``list_identities``) an agent can call; the
 identities they save live in ``--identities DIR``.
+
+Whatever a browser or an agent sends is untrusted: errors come back as one line that names files,
+never the server's folders; results live in one temporary folder that goes when the server stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import functools
+import os
+import re
+import shutil
+import signal
 import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import gradio as gr
 import numpy as np
+from PIL import Image
 
+from dmdnet_plugin.face_helper import MIN_FACE
+from dmdnet_plugin.faces import DETECTORS, FaceModelsError
 from dmdnet_plugin.factory import load_restorer
 from dmdnet_plugin.identity import IdentityDictionary, IdentityError, identity_file
-from dmdnet_plugin.io import ImageError, Picture, read_image, to_uint8, write_image
+from dmdnet_plugin.io import MAX_PIXELS, Picture, check_pixels, read_image, to_uint8, write_image
 from dmdnet_plugin.matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
-from dmdnet_plugin.pipeline import Mode, Restorer
+from dmdnet_plugin.pipeline import ImageResult, Mode, Restorer
+from dmdnet_plugin.runtime import PRECISIONS
+from dmdnet_plugin.text import printable
 from dmdnet_plugin.video import restore_video
 from dmdnet_plugin.weights import LoadedModel, WeightsError, cache_dir, load_model
 
@@ -34,6 +52,11 @@ ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD = "25mb"
 MAX_VIDEO_FRAMES = 300  # about 10 s at 30 fps: a CPU restores a face in about a second
 MODES = [m.value for m in Mode]
+KEEP_RESULTS_S = 600  # a result stays this long in the app's folder (gradio copies it to its cache when sent)
+CACHE_LIFE_S = (600, 3600)  # gradio's cache: every 10 minutes, files older than an hour go (all of them at exit)
+# What a user can act on (ImageError and IdentityError are ValueErrors); anything else is a bug: gradio says "Error".
+REFUSED = (WeightsError, FaceModelsError, ValueError, OSError)
+_FOLDERS = re.compile(r"(?<![\w.~:/-])(?:/[^\s/'\"]+)+/")  # the folders of an absolute path, up to its last slash
 
 
 def photo_input(**kwargs) -> gr.Image:
@@ -44,21 +67,36 @@ def photo_input(**kwargs) -> gr.Image:
     preprocess = component.preprocess
 
     def named_errors(payload):
+        name = printable(getattr(payload, "orig_name", None) or "the photo")
         try:
             return preprocess(payload)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):  # the warning: an error (main)
+            raise gr.Error(f"{name}: image is larger than the limit of {MAX_PIXELS} pixels") from None
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            name = getattr(payload, "orig_name", None) or "the photo"
             raise gr.Error(f"{name}: not a readable image ({type(exc).__name__})") from None
 
     component.preprocess = named_errors
     return component
 
 
-def _readable(text: str, paths: list[str]) -> str:
-    """A message without the server's temporary upload folders."""
-    for path in paths:
-        text = text.replace(path, Path(path).name)
-    return text
+def names_only(text: str, paths: Iterable[str | Path | None]) -> str:
+    """``text`` as a browser or an agent may see it: each of ``paths`` (files or folders of the server)
+    and any other absolute path shown by its name alone, control characters escaped."""
+    for path in sorted({str(p) for p in paths if p}, key=len, reverse=True):
+        text = text.replace(path.rstrip(os.sep) + os.sep, "").replace(path, Path(path).name)
+    return printable(_FOLDERS.sub("", text))
+
+
+def no_face(photo: str, result: ImageResult) -> gr.Error:
+    """Nothing to restore: no face found, or why the faces found were left out (too small...)."""
+    reasons = "; ".join(skipped["reason"] for skipped in result.skipped) or "no face found in this photo"
+    return gr.Error(f"{printable(Path(photo).name)}: {reasons}")
+
+
+def check_upscale(picture: Picture, upscale: float, photo: str) -> None:
+    """An upscaled result is held whole in memory: it obeys the photos' pixel limit."""
+    width, height = picture.size
+    check_pixels(round(width * upscale), round(height * upscale), f"{Path(photo).name} upscaled {upscale:g}x")
 
 
 def _display(pixels: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -67,16 +105,12 @@ def _display(pixels: np.ndarray, size: tuple[int, int] | None = None) -> np.ndar
     return rgb if size is None or size == rgb.shape[1::-1] else cv2.resize(rgb, size, interpolation=cv2.INTER_LANCZOS4)
 
 
-def _identity(restorer: Restorer, ref_paths: list[str], identity_path: str | None):
-    """The identity to use (uploaded, or built from the references), its file, and notes."""
-    if identity_path:
-        return IdentityDictionary.load(identity_path), None, []
-    if not ref_paths:
-        return None, None, []
-    ident, rejected = restorer.build_identity(ref_paths, name="person")
-    out = Path(tempfile.mkdtemp(prefix="dmdnet_")) / "identity.safetensors"
-    ident.save(out)
-    return ident, str(out), [f"reference skipped: {_readable(r, ref_paths)}" for r in rejected]
+def scratch_folder() -> str:
+    """An app's folder for its results and built dictionaries, removed when the process exits (not with
+    the app: a caller may read a result after dropping the app that made it)."""
+    folder = tempfile.mkdtemp(prefix="dmdnet_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -86,12 +120,74 @@ class Demo:
 
     weights: str | None = None
     device: str | None = None
+    precision: str = "auto"  # fp32: the same pixels on every machine (auto may pick bf16 on a CPU)
+    detector: str = "auto"
+    face_models: str | None = None
     max_video_frames: int = MAX_VIDEO_FRAMES
     identities_dir: Path = field(default_factory=lambda: cache_dir() / "identities")  # the agents' tools
+    keep_results_s: float = KEEP_RESULTS_S
+    scratch: str = field(init=False, repr=False, compare=False, default_factory=scratch_folder)
 
     @functools.cached_property
     def model(self) -> LoadedModel:
-        return load_model(self.weights, device=self.device)
+        return load_model(self.weights, device=self.device, precision=self.precision)
+
+    def _restorer(self, **options) -> Restorer:
+        return load_restorer(self.model, detector=self.detector, face_models=self.face_models, **options)
+
+    def _public(self, text: str, *uploads: str | None) -> str:
+        """``text`` without the server's paths: the uploads and the app's own files by name only."""
+        weights = self.weights and Path(self.weights).expanduser()
+        folders = (self.scratch, self.identities_dir, os.path.realpath(self.identities_dir), cache_dir())
+        return names_only(text, [*uploads, weights, *folders])
+
+    @contextlib.contextmanager
+    def _refusals(self, *uploads: str | None) -> Iterator[None]:
+        """A problem the user can act on (a bad file, the weights, an identity, a full disk) becomes one
+        line on the page or in the agent's tool result."""
+        try:
+            yield
+        except gr.Error:  # a ValueError too, and already for the user
+            raise
+        except REFUSED as exc:
+            raise gr.Error(self._public(str(exc), *uploads)) from None
+
+    def _result_path(self, name: str) -> Path:
+        """A new file called ``name`` in the app's folder; first the results older than ``keep_results_s``
+        go (gradio has copied them into its own cache by then)."""
+        root = Path(self.scratch)
+        cutoff = time.time() - self.keep_results_s
+        for old in root.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another request removed it first
+                if old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=root)) / name
+
+    def _save_result(self, photo: str, result: ImageResult) -> str:
+        """The restored photo as a file of the photo's format, named after it."""
+        name = f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
+        return str(write_image(self._result_path(name), result.pixels, result.alpha))
+
+    def _notice(self) -> list[str]:
+        """The weights line(s) a result page shows: the file by its name."""
+        return [self._public(line) for line in self.model.notice().splitlines()]
+
+    def _identity(self, restorer: Restorer, ref_paths: list[str], identity_path: str | None):
+        """The identity to use (uploaded, or built from the references), its file, and notes."""
+        if identity_path:
+            return IdentityDictionary.load(identity_path), None, []
+        if not ref_paths:
+            return None, None, []
+        ident, rejected = restorer.build_identity(ref_paths, name="person")
+        out = ident.save(self._result_path("identity.safetensors"))
+        return ident, str(out), [f"reference skipped: {self._public(r, *ref_paths)}" for r in rejected]
+
+    def _saved_identity(self, name: str) -> IdentityDictionary:
+        """An identity the tools saved: a regular file in the identities folder (no link out of it)."""
+        path = identity_file(self.identities_dir, name)
+        if not path.is_file():
+            raise IdentityError(f"no saved identity {path.stem!r}: list_identities gives the names")
+        return IdentityDictionary.load(path)
 
     def restore(
         self,
@@ -105,30 +201,28 @@ class Demo:
         threshold: float = DEFAULT_THRESHOLD,
         margin: float = DEFAULT_MARGIN,
         keep_colours: bool = True,
+        min_face: int = MIN_FACE,
         progress=gr.Progress(),
     ):
         """Everything the page shows for one request; problems become one readable message."""
         if not photo:
             raise gr.Error("Upload a photo first.")
         ref_paths = list(ref_paths or [])
-        try:
-            restorer = load_restorer(self.model, threshold=threshold, margin=margin, only_largest=only_largest)
+        with self._refusals(photo, *ref_paths, identity_path):
+            restorer = self._restorer(threshold=threshold, margin=margin, only_largest=only_largest, min_face=min_face)
             picture = read_image(photo)
+            check_upscale(picture, upscale, photo)
             progress(0.1, desc="identity dictionary")
-            ident, ident_file, notes = _identity(restorer, ref_paths, identity_path)
+            ident, ident_file, notes = self._identity(restorer, ref_paths, identity_path)
             progress(0.3, desc="finding faces and restoring")
             generic, with_identity = restorer.compare(
                 picture, mode, [ident] if ident else [], strength, upscale, keep_colours
             )
-        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-            raise gr.Error(_readable(str(exc), [photo, *ref_paths, identity_path or ""])) from None
         if not generic.faces:
-            raise gr.Error("No face found in this photo.")
+            raise no_face(photo, generic)
         shown = with_identity or generic
-        out_file = (
-            Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
-        )
-        write_image(out_file, shown.pixels, shown.alpha)
+        with self._refusals(photo):
+            out_file = self._save_result(photo, shown)
         after = _display(shown.pixels)
         restored = [f for f in shown.faces if f.restored is not None]
         matched = sum(f.identity is not None for f in restored)
@@ -136,14 +230,13 @@ class Demo:
         message += "".join(
             f"; face {i + 1} left as it was ({f.left_as_is})" for i, f in enumerate(shown.faces) if f.left_as_is
         )
-        message += "".join(f"\n\n{n}" for n in notes)
-        message += "\n\n" + self.model.notice().replace("\n", "\n\n")
+        message = "\n\n".join([message, *notes, *self._notice()])
         return (
             (_display(picture.pixels, after.shape[1::-1]), after),
             _display(generic.pixels),
             _display(with_identity.pixels) if with_identity is not None else None,
             [(to_uint8(f.restored), f"face {i + 1}") for i, f in enumerate(restored)],
-            str(out_file),
+            out_file,
             ident_file,
             message,
         )
@@ -160,10 +253,10 @@ class Demo:
         if not video:
             raise gr.Error("Upload a video first.")
         ref_paths = list(ref_paths or [])
-        try:
-            restorer = load_restorer(self.model)
-            ident, _, notes = _identity(restorer, ref_paths, identity_path)
-            out_file = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(video).stem}.mp4"
+        with self._refusals(video, *ref_paths, identity_path):
+            restorer = self._restorer()
+            ident, _, notes = self._identity(restorer, ref_paths, identity_path)
+            out_file = self._result_path(f"restored_{Path(video).stem}.mp4")
             report = restore_video(
                 restorer,
                 video,
@@ -173,42 +266,40 @@ class Demo:
                 max_frames=self.max_video_frames,
                 progress=lambda status: progress(status.frames_done / max(status.n_frames, 1), desc=status.stage),
             )
-        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-            raise gr.Error(_readable(str(exc), [video, *ref_paths, identity_path or ""])) from None
         lines = [f"{report['frames']} frames at {report['fps']} fps, {report['faces_restored']} faces restored"]
         for track in report.get("tracks", []):
-            who = track.get("identity") or "generic"
+            who = printable(track.get("identity") or "generic")  # an uploaded dictionary's name: any text
             lines.append(f"person {track['track'] + 1}: frames {track['frames'][0]}-{track['frames'][1]}, {who}")
-        lines += notes + [self.model.notice()]
+        lines += notes + self._notice()
         return str(out_file), "\n\n".join(lines)
 
     # ------------------------------------------------------------ MCP tools (what an agent reads)
-    def restore_photo(self, photo: str, identity: str | None = None, mode: str = "auto", strength: float = 1.0) -> str:
+    def restore_photo(
+        self, photo: str, identity: str | None = None, mode: str = "auto", strength: float = 1.0, upscale: float = 1.0
+    ) -> str:
         """Restore every face in a photo with DMDNet (blind face restoration) and return the restored photo.
 
-        The photo keeps its size and format; only the faces change. With a saved identity, faces of that
-        person are restored with their own features (eyes, mouth) instead of generic ones.
+        The photo keeps its format, and its size unless upscaled; only the faces change. With a saved identity,
+        faces of that person are restored with their own features (eyes, mouth) instead of generic ones.
 
         Args:
             photo: the photo to restore, as an http(s) URL or a data: URL of a JPEG, PNG or WebP image.
             identity: a saved identity's name (list_identities, build_identity); empty: generic restoration.
             mode: "auto" (matching faces get the identity), "generic", "identity" (all faces), "only-matched" (the rest stay as they were).
             strength: how much of the restored face is blended over the original, from 0.0 (none) to 1.0 (all).
+            upscale: resize the whole photo by this factor, from 1.0 (same size) to 4.0.
         Returns:
             the restored photo
         """  # noqa: E501 (gradio reads one line per argument)
-        try:
-            identities = [IdentityDictionary.load(identity_file(self.identities_dir, identity))] if identity else []
-            restorer = load_restorer(self.model)
+        with self._refusals(photo):
+            identities = [self._saved_identity(identity)] if identity else []
             picture = read_image(photo)
-            result = restorer.run([picture], mode, identities, float(strength))[0]
-        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-            raise gr.Error(_readable(str(exc), [photo])) from None
+            check_upscale(picture, upscale, photo)
+            result = self._restorer().run([picture], mode, identities, float(strength), float(upscale))[0]
         if not result.faces:
-            raise gr.Error(f"{Path(photo).name}: no face found in this photo")
-        out = Path(tempfile.mkdtemp(prefix="dmdnet_")) / f"restored_{Path(photo).stem}{Path(photo).suffix or '.png'}"
-        write_image(out, result.pixels, result.alpha)
-        return str(out)
+            raise no_face(photo, result)
+        with self._refusals(photo):
+            return self._save_result(photo, result)
 
     def build_identity(
         self,
@@ -217,6 +308,7 @@ class Demo:
         photo_2: str | None = None,
         photo_3: str | None = None,
         photo_4: str | None = None,
+        replace: bool = False,
     ) -> str:
         """Build and save a person's identity dictionary from one to four good photos of that one person.
 
@@ -229,18 +321,19 @@ class Demo:
             photo_2: optionally, another photo of the same person.
             photo_3: optionally, another photo of the same person.
             photo_4: optionally, another photo of the same person.
+            replace: true to replace an identity already saved under this name; false (default): that is an error.
         Returns:
             what was saved, and which photos were rejected
         """
         photos = [p for p in (photo, photo_2, photo_3, photo_4) if p]
-        try:
+        with self._refusals(*photos):
             target = identity_file(self.identities_dir, name)
-            ident, rejected = load_restorer(self.model).build_identity(photos, name=target.stem)
+            if target.exists() and not replace:
+                raise IdentityError(f"identity {target.stem!r} already exists; pass replace=true to replace it")
+            ident, rejected = self._restorer().build_identity(photos, name=target.stem)
             target.parent.mkdir(parents=True, exist_ok=True)
             ident.save(target)
-        except (WeightsError, ImageError, IdentityError, ValueError) as exc:
-            raise gr.Error(_readable(str(exc), photos)) from None
-        notes = "".join(f"; rejected {_readable(r, photos)}" for r in rejected)
+        notes = "".join(f"; rejected {self._public(r, *photos)}" for r in rejected)
         return f"saved identity {target.stem!r} from {ident.n_refs} photo(s){notes}"
 
     def list_identities(self) -> str:
@@ -249,7 +342,12 @@ class Demo:
         Returns:
             the names, one per line (none yet: an empty text)
         """
-        return "\n".join(sorted(p.stem for p in self.identities_dir.glob("*.safetensors")))
+        names = []
+        for path in sorted(self.identities_dir.glob("*.safetensors")):
+            with contextlib.suppress(IdentityError, OSError):  # broken, unreadable, a link out of the folder...
+                self._saved_identity(path.stem)
+                names.append(path.stem)
+        return "\n".join(names)
 
 
 def mcp_tools(demo: Demo) -> None:
@@ -259,10 +357,11 @@ def mcp_tools(demo: Demo) -> None:
         photos = [gr.File(type="filepath") for _ in range(4)]
         identity, name = gr.Textbox(value=""), gr.Textbox()
         mode, strength = gr.Dropdown(MODES, value="auto"), gr.Number(1.0, minimum=0, maximum=1)
+        upscale, replace = gr.Number(1.0, minimum=1, maximum=4), gr.Checkbox(False)
         restored, text = gr.File(), gr.Textbox()
         for fn, inputs, output in (
-            (demo.restore_photo, [photos[0], identity, mode, strength], restored),
-            (demo.build_identity, [name, *photos], text),
+            (demo.restore_photo, [photos[0], identity, mode, strength, upscale], restored),
+            (demo.build_identity, [name, *photos, replace], text),
             (demo.list_identities, [], text),
         ):
             gr.Button().click(fn, inputs, output, api_name=fn.__name__)
@@ -297,7 +396,7 @@ def video_tab(demo: Demo, example: Path, refs: list[str]) -> None:
 def build_ui(demo: Demo) -> gr.Blocks:
     examples = ROOT / "examples"
     refs = sorted(str(p) for p in (examples / "refs" / "obama").glob("*.jpg"))
-    with gr.Blocks(title="DMDNet face restoration") as blocks:
+    with gr.Blocks(title="DMDNet face restoration", delete_cache=CACHE_LIFE_S) as blocks:
         gr.Markdown(
             "# DMDNet face restoration\nUpload a photo, and optionally a few good photos of the same person "
             "(or a saved identity dictionary) to keep that person's own features."
@@ -322,6 +421,14 @@ def build_ui(demo: Demo) -> gr.Blocks:
                         strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
                     with gr.Row():
                         largest = gr.Checkbox(False, label="Only the largest face")
+                        min_face = gr.Slider(
+                            8,
+                            128,
+                            value=MIN_FACE,
+                            step=1,
+                            label="Smallest face (px)",
+                            info="narrower faces stay as they are",
+                        )
                         colours = gr.Checkbox(
                             True,
                             label="Keep colours",
@@ -358,7 +465,7 @@ def build_ui(demo: Demo) -> gr.Blocks:
                     status = gr.Markdown()
             run.click(
                 demo.restore,
-                [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours],
+                [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours, min_face],
                 [slider, generic, with_identity, gallery, result_file, identity_file, status],
                 api_name="restore",
                 api_visibility="undocumented",  # callable by gradio_client; agents get the MCP tools instead
@@ -376,33 +483,56 @@ def build_ui(demo: Demo) -> gr.Blocks:
     return blocks
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: gradio closes the server and empties its cache, and the app's folder goes at exit."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="DMDNet Gradio demo")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--weights", help="checkpoint; default: the discovery order of docs/weights.md")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="compute precision, as the CLI's (default auto; fp32: the same pixels on every machine)",
+    )
+    parser.add_argument(
+        "--detector",
+        default="auto",
+        choices=list(DETECTORS),
+        help=f"face detector, as the CLI's (auto: {DETECTORS['auto']})",
+    )
+    parser.add_argument("--face-models", help="folder with facexlib RetinaFace weights (or $DMDNET_FACEXLIB_DIR)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     parser.add_argument(
         "--mcp", action="store_true", help="also serve MCP tools at /gradio_api/mcp/ (needs the mcp extra)"
     )
     parser.add_argument(
-        "--identities", help=f"folder of the identities the MCP tools save (default {cache_dir()}/identities)"
+        "--identities",
+        type=Path,
+        default=cache_dir() / "identities",
+        help="folder of the identities the MCP tools save (default %(default)s)",
     )
     args = parser.parse_args()
-    demo = (
-        Demo(args.weights, args.device)
-        if not args.identities
-        else Demo(args.weights, args.device, identities_dir=Path(args.identities))
+    # gr.Image opens uploads with Pillow, whose pixel limit only warns up to twice its value: in this
+    # process (not in the core, which also runs inside ComfyUI) it is the photos' limit, and an error
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    signal.signal(signal.SIGTERM, _stop)
+    demo = Demo(
+        args.weights, args.device, args.precision, args.detector, args.face_models, identities_dir=args.identities
     )
     blocks = build_ui(demo)
     blocks.queue(default_concurrency_limit=1, max_size=16)
-    blocks.launch(
+    blocks.launch(  # without show_error: an unexpected exception's text (maybe a path) is shown as "Error"
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         max_file_size=MAX_UPLOAD,
-        show_error=True,
         allowed_paths=[str(ROOT / "examples")],
         mcp_server=True if args.mcp else None,  # None: gradio reads GRADIO_MCP_SERVER
     )

@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dmdnet_plugin.face_helper import MIN_FACE
+
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT / "tests" / "data" / "heldout"  # 2 people, 4 photos each (tests/data/SOURCES.md)
 KINDS = ("generic", "references", "broken")
@@ -145,6 +147,7 @@ def one_request(
             0.52,
             0.05,
             True,
+            MIN_FACE,
         )
         result_file = client.predict(*args, api_name="/restore")[4]
         got = cv2.imread(result_file)

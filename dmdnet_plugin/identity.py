@@ -28,7 +28,7 @@ FORMAT = "dmdnet-identity"
 VERSION = 1
 MAX_HEADER = 1 << 20  # a real header is a few kB: 36 tensor entries and two 128-d mean embeddings
 MAX_EMBEDDING = 4096  # the longest face embedding we accept (dlib's is 128-d)
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
+_NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}")  # the whole name: fullmatch
 
 
 class IdentityError(ValueError):
@@ -37,14 +37,15 @@ class IdentityError(ValueError):
 
 def identity_file(folder: str | Path, name: str) -> Path:
     """The file of the dictionary called ``name`` in ``folder``: user-given names (ComfyUI's Save
-    node, the MCP tools) can never leave that folder."""
+    node, the MCP tools) can never leave that folder, nor name a link to a file outside it (the
+    path is resolved). Names are whole-matched: a trailing newline is refused, not saved."""
     stem = name.removesuffix(".safetensors")
-    if not _NAME_OK.match(stem) or ".." in stem:
+    if not _NAME_OK.fullmatch(stem) or ".." in stem:
         raise IdentityError(f"invalid identity name {name!r}: use letters, digits, space, '_', '-' and '.'")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, stem + ".safetensors"))
     if os.path.dirname(path) != root:
-        raise IdentityError(f"invalid identity name {name!r}")
+        raise IdentityError(f"identity {stem!r} links to a file outside its folder")
     return Path(path)
 
 

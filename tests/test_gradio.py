@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -18,10 +20,12 @@ from parity_inputs import load_parity_inputs
 gr = pytest.importorskip("gradio")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-from load_gradio import run_load, serve, summary  # noqa: E402
+from load_gradio import peak_rss_mb, run_load, serve, summary  # noqa: E402
 
 import gradio_app  # noqa: E402
 from dmdnet_plugin import IdentityDictionary  # noqa: E402
+from dmdnet_plugin.face_helper import MIN_FACE  # noqa: E402
+from dmdnet_plugin.io import MAX_PIXELS  # noqa: E402
 from dmdnet_plugin.weights import save_checkpoint  # noqa: E402
 
 PHOTO = ROOT / "examples" / "photos" / "obama_lowres.jpg"
@@ -35,12 +39,20 @@ def weights(tmp_path_factory):
 
 @pytest.fixture
 def app(weights):
-    return gradio_app.Demo(str(weights), "cpu")
+    return gradio_app.Demo(str(weights), "cpu", precision="fp32")  # bit-equal results across calls on any CPU
 
 
-def call(app, photo, refs=None, identity=None, mode="auto", upscale=1.0, strength=1.0, largest=False):
+def call(app, photo, refs=None, identity=None, mode="auto", upscale=1.0, strength=1.0, largest=False, **options):
     return app.restore(
-        str(photo) if photo else None, refs, identity, mode, upscale, strength, largest, progress=lambda *a, **k: None
+        str(photo) if photo else None,
+        refs,
+        identity,
+        mode,
+        upscale,
+        strength,
+        largest,
+        **options,
+        progress=lambda *a, **k: None,
     )
 
 
@@ -67,14 +79,15 @@ def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
     cv2.imwrite(str(sky), np.full((300, 400, 3), 180, np.uint8))
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
-    for args, expected in (
-        ((None,), "Upload a photo first."),
-        ((sky,), "No face found in this photo."),
-        ((notes,), "notes.png: not an image file"),
-        ((PHOTO, None, None, "identity"), "needs reference photos or an identity dictionary"),
+    for args, options, expected in (
+        ((None,), {}, "Upload a photo first."),
+        ((sky,), {}, "sky.png: no face found in this photo"),
+        ((PHOTO,), {"min_face": 128}, "obama_lowres.jpg: face is 107 px wide, below the minimum of 128"),
+        ((notes,), {}, "notes.png: not an image file"),
+        ((PHOTO, None, None, "identity"), {}, "needs reference photos or an identity dictionary"),
     ):
         with pytest.raises(gr.Error, match=expected) as err:
-            call(app, *args)
+            call(app, *args, **options)
         assert str(tmp_path) not in str(err.value)
     inputs = load_parity_inputs()
     foreign = small_net(seed=3).encode_identity(inputs["refs"][:1], inputs["ref_boxes"][:1])
@@ -89,6 +102,63 @@ def test_clear_messages_instead_of_stack_traces(app, tmp_path, monkeypatch):
         call(app, PHOTO)
 
 
+def test_messages_name_files_without_server_paths_or_control_characters(app, tmp_path):
+    """Every refusal a browser or an agent gets names files by their names, escaped, and never shows a
+    folder of the server: uploads, the identities folder, the app's own temporary folder."""
+    notes = tmp_path / "notes\n.png"
+    notes.write_text("not an image")
+    wide = tmp_path / "wide.png"
+    cv2.imwrite(str(wide), np.zeros((2800, 2800, 3), np.uint8))
+    app = dataclasses.replace(app, identities_dir=tmp_path / "ids")
+    (tmp_path / "ids").write_text("a file where the identities folder should be")
+    for refusal, expected in (
+        (lambda: call(app, notes), re.escape("notes\\n.png: not an image file")),
+        (lambda: app.restore_photo(str(notes)), re.escape("notes\\n.png: not an image file")),
+        (
+            lambda: call(app, wide, upscale=4.0),
+            f"wide.png upscaled 4x: image is 11200x11200 pixels, more than the limit of {MAX_PIXELS}",
+        ),
+        (lambda: app.restore_photo(str(PHOTO), identity="nobody"), "no saved identity 'nobody'"),
+        (lambda: app.build_identity("someone", REFS[0]), r"\[Errno 17\] File exists: 'ids'$"),
+    ):
+        with pytest.raises(gr.Error) as err:
+            refusal()
+        message = err.value.message  # str(err.value) is its repr
+        assert re.search(expected, message) and "\n" not in message, message
+        assert str(tmp_path) not in message and app.scratch not in message, message
+
+
+def test_a_broken_weights_file_gives_one_clear_line_everywhere(weights, tmp_path):
+    """Empty, truncated or HTML instead of weights: the page and the agents' tools say so in one line
+    that names the file, not where it is."""
+    empty, truncated, html = tmp_path / "empty.safetensors", tmp_path / "truncated.safetensors", tmp_path / "page.pth"
+    empty.write_bytes(b"")
+    truncated.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    html.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>\n")
+    for broken in (empty, truncated, html):
+        app = gradio_app.Demo(str(broken), "cpu", identities_dir=tmp_path / "ids")
+        for refusal in (
+            partial(call, app, PHOTO),
+            partial(app.restore_clip, str(ROOT / "examples" / "video" / "obama_jitter.mp4"), None, None, True),
+            partial(app.restore_photo, str(PHOTO)),
+            partial(app.build_identity, "someone", REFS[0]),
+        ):
+            with pytest.raises(gr.Error) as err:
+                refusal()
+            message = err.value.message
+            assert message.startswith(f"{broken.name}: ") and "\n" not in message and str(tmp_path) not in message
+
+
+def test_results_are_temporary(weights):
+    """A result stays in the app's folder for ``keep_results_s`` (long enough for gradio to copy it), then
+    the next request removes it (the folder itself goes at exit: tests/test_mcp.py stops a server)."""
+    app = gradio_app.Demo(str(weights), "cpu", keep_results_s=0)
+    first = Path(app.restore_photo(str(PHOTO)))
+    assert first.is_file() and first.is_relative_to(app.scratch)
+    second = Path(app.restore_photo(str(PHOTO)))
+    assert second.is_file() and not first.exists() and not first.parent.exists()
+
+
 def test_the_page_says_when_it_runs_the_bundled_demo_model(monkeypatch, tmp_path):
     app = gradio_app.Demo(None, "cpu")
     monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
@@ -99,8 +169,8 @@ def test_the_page_says_when_it_runs_the_bundled_demo_model(monkeypatch, tmp_path
 
 @pytest.fixture(scope="module")
 def server(weights, tmp_path_factory):
-    with serve(weights, tmp_path_factory.mktemp("gradio") / "server.log") as (url, _):
-        yield url
+    with serve(weights, tmp_path_factory.mktemp("gradio") / "server.log") as running:
+        yield running  # (url, pid)
 
 
 def test_concurrent_clients_get_their_own_results_and_the_server_survives(tmp_path):
@@ -120,27 +190,29 @@ def test_concurrent_clients_get_their_own_results_and_the_server_survives(tmp_pa
     assert 0 < report.peak_mb < 4096
 
 
-def test_launched_app_through_gradio_client(server):
+def test_launched_app_through_gradio_client(server, tmp_path):
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
-    client = Client(server, verbose=False)
-    out = client.predict(
-        handle_file(str(PHOTO)),
-        [handle_file(r) for r in REFS[:2]],
-        None,
-        "auto",
-        1,
-        1.0,
-        False,
-        0.52,
-        0.05,
-        True,
-        api_name="/restore",
-    )
-    slider, generic, specific, crops, result_file, identity_file, message = out
+    url, pid = server
+    client = Client(url, verbose=False)
+
+    def restore(photo: Path, refs: list[str]):
+        args = ("auto", 1, 1.0, False, 0.52, 0.05, True, MIN_FACE)
+        return client.predict(handle_file(str(photo)), [handle_file(r) for r in refs], None, *args, api_name="/restore")
+
+    slider, generic, specific, crops, result_file, identity_file, message = restore(PHOTO, REFS[:2])
     assert cv2.imread(result_file).shape == cv2.imread(str(PHOTO)).shape
     assert IdentityDictionary.load(identity_file).n_refs == 2
     assert "with the identity dictionary" in message
+    # over the pixel limit, less than twice it (where Pillow only warns); gray, so that gr.Image would
+    # decode it to convert it to RGB: refused before it is decoded
+    huge = tmp_path / "huge.png"
+    cv2.imwrite(str(huge), np.zeros((11000, 11000), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    before = peak_rss_mb(pid)
+    with pytest.raises(AppError, match=f"^huge.png: image is larger than the limit of {MAX_PIXELS} pixels$"):
+        restore(huge, [])
+    assert peak_rss_mb(pid) - before < 200, (before, peak_rss_mb(pid))  # gr.Image would decode it: +550 MB
 
 
 def short_clip(path: Path, frames: int) -> Path:
@@ -155,7 +227,7 @@ def test_video_through_gradio_client_and_its_length_limit(server, app, tmp_path)
     from gradio_client import Client, handle_file
 
     clip = short_clip(tmp_path / "clip.mp4", 4)
-    client = Client(server, verbose=False)
+    client = Client(server[0], verbose=False)
     video, message = client.predict(
         handle_file(str(clip)), [handle_file(r) for r in REFS[:2]], None, True, api_name="/restore_video"
     )
@@ -187,7 +259,7 @@ def test_browser_uploads_and_restores(server, tmp_path):
             ],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(server)
+        page.goto(server[0])
         page.locator("input[type=file]").first.set_input_files(str(PHOTO))
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Restore", exact=True).click()
