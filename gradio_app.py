@@ -257,7 +257,7 @@ class Demo:
             restorer = self._restorer()
             ident, _, notes = self._identity(restorer, ref_paths, identity_path)
             out_file = self._result_path(f"restored_{Path(video).stem}.mp4")
-            report = restore_video(
+            record = restore_video(
                 restorer,
                 video,
                 out_file,
@@ -266,8 +266,8 @@ class Demo:
                 max_frames=self.max_video_frames,
                 progress=lambda status: progress(status.frames_done / max(status.n_frames, 1), desc=status.stage),
             )
-        lines = [f"{report['frames']} frames at {report['fps']} fps, {report['faces_restored']} faces restored"]
-        for track in report.get("tracks", []):
+        lines = [f"{record.frames} frames at {record.fps} fps, {record.faces_restored} faces restored"]
+        for track in record.tracks:
             who = printable(track.get("identity") or "generic")  # an uploaded dictionary's name: any text
             lines.append(f"person {track['track'] + 1}: frames {track['frames'][0]}-{track['frames'][1]}, {who}")
         lines += notes + self._notice()

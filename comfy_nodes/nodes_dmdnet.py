@@ -126,9 +126,9 @@ def _pictures(image: torch.Tensor, node: str, min_face: int = MIN_FACE) -> list[
     if image.dim() != 4 or image.shape[0] == 0:
         raise ValueError(f"{node}: the image batch is empty (shape {tuple(image.shape)})")
     h, w = image.shape[1:3]
-    check_pixels(w, h, f"{node}: the image batch")  # the limit of every surface, before any copy
     if min(h, w) < min_face:
         raise ValueError(f"{node}: the images are {w}x{h} px, too small to hold a face of {min_face} px")
+    check_pixels(w, h, f"{node}: the image batch")  # the limit of every surface, before any copy
     return [Picture(np.ascontiguousarray(img.cpu().float().numpy())) for img in image]
 
 

@@ -307,6 +307,8 @@ def test_cli_gradio_and_comfyui_return_the_same_pixels(comfy, tmp_path):
                 str(identity),
                 "--report",
                 str(tmp_path / "r.json"),
+                "--precision",
+                "fp32",  # the same pixels on every CPU (auto may pick bf16 on one and fp32 on another)
             ]
         )
         == 0
@@ -314,12 +316,12 @@ def test_cli_gradio_and_comfyui_return_the_same_pixels(comfy, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["files"][0]["faces"][0]["identity"] == "obama"
     by_cli = read_image(tmp_path / "cli" / "obama.png").pixels
 
-    out = gradio_app.Demo(str(weights), "cpu").restore(
+    out = gradio_app.Demo(str(weights), "cpu", precision="fp32").restore(
         str(photo), None, str(identity), "auto", 1.0, 1.0, False, progress=lambda *a, **k: None
     )
     by_gradio = read_image(out[4]).pixels
 
-    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "auto")[0]
+    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "fp32")[0]
     identities = call(nodes, "DMDNetLoadIdentity", "obama.safetensors")[0]
     image = _load_image(tmp_path, "obama.png")[0]
     restored = call(nodes, "DMDNetRestoreFaces", model, image, 1.0, 0.5, 4, identities=identities)[0]
@@ -345,6 +347,9 @@ def test_empty_and_tiny_batches_get_clear_node_errors(comfy):
         ValueError, match="DMDNet Build Identity: the images are 1x1 px, too small to hold a face of 24 px"
     ):
         call(nodes, "DMDNetBuildIdentity", model, tiny, "x")
+    huge = torch.zeros(1, 1, 1, 3).expand(2, 11000, 11000, 3)  # 1.4 GB a frame if it were copied; it is not
+    with pytest.raises(ValueError, match="image batch: image is 11000x11000 pixels, more than the limit"):
+        call(nodes, "DMDNetRestoreFaces", model, huge, 1.0, 0.5, 4)
 
 
 def _decoded(path: Path) -> np.ndarray:
@@ -353,7 +358,7 @@ def _decoded(path: Path) -> np.ndarray:
 
 
 def test_cli_gradio_and_comfyui_restore_a_clip_alike(comfy, tmp_path):
-    """One clip call under every surface (Restorer.run_clip): the same clip and identity give the same
+    """One clip call under every surface (clips.restore_clip): the same clip and identity give the same
     tracked, restored frames, up to the video codec. The CLI and Gradio write H.264 (visually
     lossless, not bit-exact); the node returns the frames themselves."""
     sys.path.insert(0, str(ROOT))
@@ -369,17 +374,17 @@ def test_cli_gradio_and_comfyui_restore_a_clip_alike(comfy, tmp_path):
     assert main(["identity", "build", refs, "-o", str(identity), "--name", "obama", "--weights", str(weights)]) == 0
     report = tmp_path / "r.json"
     args = ["restore", str(clip), "-o", str(tmp_path / "cli"), "--weights", str(weights), "--identity", str(identity)]
-    assert main([*args, "--report", str(report)]) == 0
-    tracks = json.loads(report.read_text())["files"][0]["tracks"]
+    assert main([*args, "--report", str(report), "--precision", "fp32"]) == 0
+    tracks = json.loads(report.read_text())["files"][0]["video"]["tracks"]
     by_cli = _decoded(tmp_path / "cli" / clip.name)
 
-    video, message = gradio_app.Demo(str(weights), "cpu").restore_clip(
+    video, message = gradio_app.Demo(str(weights), "cpu", precision="fp32").restore_clip(
         str(clip), None, str(identity), True, progress=lambda *a, **k: None
     )
     by_gradio = _decoded(video)
 
     frames = _decoded(clip)
-    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "auto")[0]
+    model = call(nodes, "DMDNetModelLoader", "dmdnet.safetensors", "cpu", "fp32")[0]
     image = torch.from_numpy(frames.astype(np.float32) / 255)
     restored = call(
         nodes,
