@@ -73,7 +73,15 @@ def run_settings(args) -> RunSettings:
     ``restore``'s: a new one without its option fails here at once)."""
     options = {name: getattr(args, name) for name in RunSettings.options()}
     return RunSettings.create(
-        args.weights, args.device, args.precision, args.identity, args.mode, args.detector, args.face_models, **options
+        args.weights,
+        args.device,
+        args.precision,
+        args.identity,
+        args.mode,
+        args.detector,
+        args.face_models,
+        args.bg_upsampler,
+        **options,
     )
 
 
@@ -305,7 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 face crops")
     p.add_argument("--batch-size", type=int, default=4, help="faces per model call (default 4)")
-    p.add_argument("--upscale", type=float, default=1.0, help="resize the whole photo by this factor")
+    p.add_argument(
+        "--upscale", type=float, help="resize the whole photo by this factor (default 1, or the --bg-upsampler's scale)"
+    )
+    p.add_argument(
+        "--bg-upsampler",
+        metavar="MODEL",
+        help="a super-resolution model for the rest of the photo (Real-ESRGAN, SwinIR, HAT, ...: any spandrel "
+        "loads; .pth or .safetensors), instead of a plain resize; see docs/cli.md",
+    )
     p.add_argument(
         "--strength",
         type=float,

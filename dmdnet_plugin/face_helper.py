@@ -7,7 +7,7 @@ this one helper, and none of them needs a model to find faces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -28,6 +28,7 @@ from .faces import Face, FaceBackend, get_backend
 from .io import Picture, to_uint8
 
 MIN_FACE = 24  # px; smaller faces hold too little to restore
+Background = Callable[[np.ndarray, tuple[int, int]], np.ndarray]  # (pixels, output size) -> the upscaled photo
 
 
 @dataclass(frozen=True)
@@ -159,14 +160,19 @@ class FaceHelper:
         restored: Sequence[tuple[AlignedFace, np.ndarray]],
         upscale: float = 1.0,
         strength: float = 1.0,
+        background: Background | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The photo (resized by ``upscale``) with every (face, restored crop) blended in."""
+        """The photo (resized by ``upscale``; by ``background``, a super-resolution model, when given)
+        with every (face, restored crop) blended in."""
         canvas, alpha = picture.pixels, picture.alpha
-        if upscale != 1.0:
-            w, h = picture.size
-            size = (round(w * upscale), round(h * upscale))
+        w, h = picture.size
+        size = (round(w * upscale), round(h * upscale))
+        if background is not None:
+            canvas = background(canvas, size)
+        elif upscale != 1.0:
             canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_LANCZOS4)
-            alpha = None if alpha is None else cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR)
+        if alpha is not None and size != (w, h):
+            alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR)
         canvas = canvas.copy()
         for face, crop in restored:
             matrix = face.matrix.copy()

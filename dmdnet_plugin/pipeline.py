@@ -22,7 +22,7 @@ import torch
 
 from .colours import keep_colours as keep_colours_of
 from .damage import damaged_embedding
-from .face_helper import AlignedFace, Detection, FaceHelper
+from .face_helper import AlignedFace, Background, Detection, FaceHelper
 from .identity import IdentityDictionary
 from .io import ImageError, ImageWriter, Picture, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
@@ -233,6 +233,7 @@ class Restorer:
         progress: Progress | None = None,
         smoother: Smoother | None = None,
         keep_colours: bool = True,
+        background: Background | None = None,
     ) -> list[ImageResult]:
         """Restore the faces of every picture; one result per picture.
 
@@ -242,7 +243,8 @@ class Restorer:
         :meth:`FaceHelper.find`) skips face detection. ``smoother``: a clip's frames, run in order
         with tracked detections (:mod:`tracking`), get steady restored faces (:func:`clips.restore_clip`
         sets this up). ``keep_colours``: restored faces keep the input's broad colours
-        (:mod:`colours`); False: the model's.
+        (:mod:`colours`); False: the model's. ``background``: the photos resized by a super-resolution
+        model (:func:`background.load_upsampler`) instead of a plain resize.
         """
         identities = self.checked_identities(identities)
         mode = checked_mode(mode, identities)
@@ -252,7 +254,7 @@ class Restorer:
             raise ValueError(f"{len(detections)} detections for {len(pictures)} pictures")
         faces = self.restore_faces(detections, mode, identities, progress)
         return [
-            self.finish(picture, detection, image, upscale, strength, keep_colours, smoother)
+            self.finish(picture, detection, image, upscale, strength, keep_colours, smoother, background)
             for picture, detection, image in zip(pictures, detections, faces)
         ]
 
@@ -294,10 +296,12 @@ class Restorer:
         strength: float = 1.0,
         keep_colours: bool = True,
         smoother: Smoother | None = None,
+        background: Background | None = None,
     ) -> ImageResult:
         """The rest of a run for one picture, on the CPU: colours, smoothing over a clip (in frame
-        order), paste-back. Pictures are independent here and no model is needed, so a pipeline can
-        finish them in threads or on other machines (:mod:`cluster`)."""
+        order), paste-back (over ``background``: the photo upscaled by a super-resolution model,
+        :mod:`background`). Pictures are independent here and the face model is not needed, so a
+        pipeline can finish them in threads or on other machines (:mod:`cluster`)."""
         if keep_colours:
             faces = tuple(
                 f if f.restored is None else replace(f, restored=keep_colours_of(f.restored, f.crop)) for f in faces
@@ -310,7 +314,7 @@ class Restorer:
                 for f in faces
             )
         pixels, alpha = FaceHelper.paste(
-            picture, [(f.face, f.restored) for f in faces if f.restored is not None], upscale, strength
+            picture, [(f.face, f.restored) for f in faces if f.restored is not None], upscale, strength, background
         )
         return ImageResult(pixels, alpha, faces, detection.skipped)
 
@@ -322,13 +326,20 @@ class Restorer:
         strength: float = 1.0,
         upscale: float = 1.0,
         keep_colours: bool = True,
+        background: Background | None = None,
     ) -> tuple[ImageResult, ImageResult | None]:
         """The photo restored generic, and with the identities in ``mode`` (None without identities or
-        in generic mode), from one face detection: what a before/after page shows side by side."""
+        in generic mode), from one face detection (and one ``background``): what a before/after page
+        shows side by side."""
         identities = self.checked_identities(identities)
         mode = checked_mode(mode, identities)
         detections = self.helper.find([picture], embed=needs_embeddings(mode, identities))
+        if background is not None:
+            size = (round(picture.size[0] * upscale), round(picture.size[1] * upscale))
+            canvas = background(picture.pixels, size)
+            background = lambda _pixels, _size: canvas  # noqa: E731  (made once for both results)
         options = {"strength": strength, "upscale": upscale, "detections": detections, "keep_colours": keep_colours}
+        options["background"] = background
         generic = self.run([picture], Mode.GENERIC, (), **options)[0]
         if mode is Mode.GENERIC or not identities:
             return generic, None

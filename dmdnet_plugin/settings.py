@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .background import Upsampler, load_upsampler
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import FaceModelsError, resolved_detector, retinaface_dir
 from .factory import load_face_helper, load_restorer
@@ -62,6 +63,21 @@ class IdentityRef:
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """A model file a run uses besides its weights (a background upsampler): its path and content."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> FileRef:
+        return cls(str(Path(path).resolve()), sha256_of(Path(path)))
+
+    def record(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """What a run does to every input. Build it with :meth:`create`, which resolves what "auto" and
     "default" stand for on this machine (weights, device, precision, detector)."""
@@ -85,6 +101,7 @@ class RunSettings:
     face_models: str | None = None  # RetinaFace's weights folder, when it is used
     batch_size: int = 4  # on the CPU a face's pixels can depend on its batch
     save_faces: bool = False
+    bg_upsampler: FileRef | None = None  # a super-resolution model for the rest of the photo
     version: str = VERSION
 
     @classmethod
@@ -97,13 +114,19 @@ class RunSettings:
         mode: Mode | str = Mode.AUTO,
         detector: str = "auto",
         face_models: str | Path | None = None,
+        bg_upsampler: str | Path | None = None,
         **options,
     ) -> RunSettings:
         """The settings of a run, checked before any work: a wrong value is one ValueError line.
 
-        ``options``: any other field (upscale, strength, keep_colours, aligned, temporal, threshold,
-        margin, min_face, only_largest, max_faces, batch_size, save_faces).
+        ``bg_upsampler``: a super-resolution model file for the rest of the photo (loaded here, so a
+        file that is not one fails now); ``upscale`` None is its scale, else 1. ``options``: any other
+        field (upscale, strength, keep_colours, aligned, temporal, threshold, margin, min_face,
+        only_largest, max_faces, batch_size, save_faces).
         """
+        background = None if bg_upsampler is None else load_upsampler(bg_upsampler)
+        if options.get("upscale") is None:
+            options["upscale"] = 1.0 if background is None else float(background.scale)
         refs = tuple(IdentityRef.of(i) for i in identities)
         mode = checked_mode(mode, [r.dictionary for r in refs])
         resolved = resolved_detector(detector, face_models)
@@ -119,6 +142,7 @@ class RunSettings:
             refs,
             detector=resolved,
             face_models=str(folder) if resolved == "retinaface" else None,
+            bg_upsampler=None if bg_upsampler is None else FileRef.of(bg_upsampler),
             **options,
         )
         settings.check()
@@ -128,7 +152,8 @@ class RunSettings:
     def options(cls) -> tuple[str, ...]:
         """The fields :meth:`create` takes as they are (the others it resolves): a surface passes
         each of them, so a field added here is an option every surface must pass."""
-        resolved = {"weights", "device", "precision", "mode", "identities", "detector", "face_models", "version"}
+        resolved = {"weights", "device", "precision", "mode", "identities", "detector", "face_models"}
+        resolved |= {"bg_upsampler", "version"}
         return tuple(f.name for f in fields(cls) if f.name not in resolved)
 
     def check(self) -> None:
@@ -155,9 +180,7 @@ class RunSettings:
 
     def key(self) -> str:
         """A hash of every field, files by content alone (a moved file is the same file): the journal's key."""
-        record = self.record()
-        record["weights"] = self.weights.sha256
-        record["identities"] = [r.sha256 for r in self.identities]
+        record = {f.name: _plain(getattr(self, f.name), content=True) for f in fields(self)}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
     def restorer(self, device: str | None = None) -> Restorer:
@@ -177,6 +200,10 @@ class RunSettings:
             max_faces=self.max_faces,
         )
 
+    def background(self) -> Upsampler | None:
+        """The background upsampler, on the run's device (loaded once per process)."""
+        return None if self.bg_upsampler is None else load_upsampler(self.bg_upsampler.path, self.device)
+
     def face_helper(self, device: str = "cpu") -> FaceHelper:
         """The face helper alone, for a stage that only finds faces (a cluster's detect actors)."""
         return load_face_helper(
@@ -184,12 +211,12 @@ class RunSettings:
         )
 
 
-def _plain(value: object) -> object:
-    """A field as JSON."""
-    if isinstance(value, (WeightsRef, IdentityRef)):
-        return value.record()
+def _plain(value: object, content: bool = False) -> object:
+    """A field as JSON; ``content``: a file as its sha256 alone."""
+    if isinstance(value, (WeightsRef, IdentityRef, FileRef)):
+        return value.sha256 if content else value.record()
     if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, content) for v in value]
     if isinstance(value, Mode):
         return value.value
     return value

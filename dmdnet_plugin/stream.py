@@ -252,7 +252,13 @@ def paste_photo(item: PhotoItem, settings: RunSettings) -> PhotoItem:
         return item
     try:
         result = Restorer.finish(
-            item.picture, item.detection, item.faces, settings.upscale, settings.strength, settings.keep_colours
+            item.picture,
+            item.detection,
+            item.faces,
+            settings.upscale,
+            settings.strength,
+            settings.keep_colours,
+            background=settings.background(),
         )
         return PhotoItem(item.job, result=result)
     except Exception as exc:

@@ -1,0 +1,152 @@
+"""The rest of the photo, upscaled by a super-resolution model: GFPGAN's and CodeFormer's ``--bg_upsampler``.
+
+Any single-image super-resolution model that spandrel (the loader of ComfyUI, chaiNNer and Forge)
+recognises from its state dict: Real-ESRGAN's RRDBNet, SwinIR, HAT, DAT, OmniSR and others. The file
+is read without unpickling (``torch.load(weights_only=True)`` or safetensors) and handed to spandrel
+as a state dict. The photo is upscaled by the model's scale in overlapping tiles, so memory stays
+bounded on large scans, each tile's border blended into its neighbours (no seams), then resized
+to the size asked for if that differs. The faces are restored and pasted at the output size.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .io import full_scale
+from .text import printable
+
+TILE = 512  # input pixels per tile side: about 1.5 GB of activations for a 4x RRDBNet in fp32
+OVERLAP = 16  # input pixels each tile shares with its neighbour, blended linearly
+CONTEXT = 32  # input pixels around a tile that the model sees and whose output is dropped
+
+
+class UpsamplerError(ValueError):
+    """A file that is not a usable super-resolution model; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class Upsampler:
+    """A loaded super-resolution model (a spandrel ``ImageModelDescriptor``) and how it is tiled."""
+
+    model: object
+    name: str
+    tile: int = TILE
+    overlap: int = OVERLAP
+    context: int = CONTEXT
+
+    @property
+    def scale(self) -> int:
+        return int(self.model.scale)
+
+    def __call__(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """``pixels`` (HxW or HxWx3, any dtype of :class:`~dmdnet_plugin.io.Picture`) upscaled by the
+        model, then resized to ``size`` (width, height); the same dtype and layout."""
+        top = full_scale(pixels.dtype)
+        rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
+        out = self.upscaled(rgb.astype(np.float32) / top)
+        if out.shape[1::-1] != tuple(size):
+            shrink = out.shape[1] > size[0]
+            out = cv2.resize(out, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+        out = np.clip(out, 0, 1) * top
+        out = out if pixels.dtype.kind == "f" else np.round(out)
+        out = out.astype(pixels.dtype)
+        return out if pixels.ndim == 3 else cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
+
+    def upscaled(self, rgb: np.ndarray) -> np.ndarray:
+        """Float RGB in [0, 1] times the model's scale, tile by tile: the model sees ``context`` more
+        pixels around each tile than it keeps, and each tile is feathered into the next."""
+        h, w = rgb.shape[:2]
+        s, step, c = self.scale, self.tile - self.overlap, self.context
+        out = np.zeros((h * s, w * s, 3), np.float32)
+        weight = np.zeros((h * s, w * s, 1), np.float32)
+        for y in range(0, max(h - self.overlap, 1), step):
+            for x in range(0, max(w - self.overlap, 1), step):
+                y1, x1 = min(y + self.tile, h), min(x + self.tile, w)
+                cy, cx = max(y - c, 0), max(x - c, 0)
+                seen = self._model(rgb[cy : min(y1 + c, h), cx : min(x1 + c, w)])
+                tile = seen[(y - cy) * s : (y1 - cy) * s, (x - cx) * s : (x1 - cx) * s]
+                ramp = _ramp(y1 - y, x1 - x, self.overlap, (y > 0, x > 0, y1 < h, x1 < w), s)
+                out[y * s : y1 * s, x * s : x1 * s] += tile * ramp
+                weight[y * s : y1 * s, x * s : x1 * s] += ramp
+        return out / np.maximum(weight, 1e-8)
+
+    def _model(self, rgb: np.ndarray) -> np.ndarray:
+        device, dtype = self.model.device, self.model.dtype
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device, dtype)
+        with torch.inference_mode():
+            y = self.model(x)
+        return y[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+def _ramp(h: int, w: int, overlap: int, inner: tuple[bool, bool, bool, bool], scale: int) -> np.ndarray:
+    """A tile's blending weight at the output scale: rising over ``overlap`` input pixels on each side
+    that meets another tile (``inner``: top, left, bottom, right), 1 elsewhere."""
+
+    def edge(n: int, start: bool, end: bool) -> np.ndarray:
+        ramp = np.ones(n * scale, np.float32)
+        width = min(overlap * scale, n * scale)
+        rise = (np.arange(width, dtype=np.float32) + 0.5) / width
+        if start:
+            ramp[:width] = np.minimum(ramp[:width], rise)
+        if end:
+            ramp[-width:] = np.minimum(ramp[-width:], rise[::-1])
+        return ramp
+
+    top, left, bottom, right = inner
+    return (edge(h, top, bottom)[:, None] * edge(w, left, right)[None, :])[..., None]
+
+
+def load_upsampler(path: str | Path, device: str | torch.device = "cpu") -> Upsampler:
+    """The super-resolution model in ``path`` on ``device``, loaded once per process."""
+    return _cached(str(Path(path).resolve()), str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(path: str, device: str) -> Upsampler:
+    shown = printable(path)
+    try:
+        from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError, canonicalize_state_dict
+    except ImportError:
+        raise UpsamplerError(
+            f'{shown}: a background upsampler needs spandrel: pip install "dmdnet-plugin[upscale]"'
+        ) from None
+    state = _state_dict(Path(path), shown)
+    try:
+        model = ModelLoader(device).load_from_state_dict(canonicalize_state_dict(state))
+    except UnsupportedModelError:
+        raise UpsamplerError(f"{shown}: not a super-resolution model that spandrel knows") from None
+    except Exception as exc:  # a known architecture with tensors that do not fit it
+        raise UpsamplerError(f"{shown}: a broken model file ({type(exc).__name__}: {printable(exc)})") from None
+    if not isinstance(model, ImageModelDescriptor) or model.purpose != "SR" or model.scale < 2:
+        kind = getattr(model, "purpose", type(model).__name__)
+        raise UpsamplerError(f"{shown}: a {kind} model, not a super-resolution model (scale 2 or more)")
+    if device.startswith("cuda") and model.supports_half:
+        model = model.half()
+    return Upsampler(model.eval(), Path(path).name)
+
+
+def _state_dict(path: Path, shown: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` (never unpickling code) or ``.safetensors`` file."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UpsamplerError(f"{shown}: no such file") from None
+    except Exception as exc:
+        raise UpsamplerError(f"{shown}: not a readable model file ({type(exc).__name__})") from None
+    for key in ("params_ema", "params", "state_dict", "model"):  # Real-ESRGAN, BasicSR, Lightning files
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UpsamplerError(f"{shown}: holds no model weights")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
