@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -96,7 +97,8 @@ def new_path(stream: PhotoStream, photos: list[Path], out: Path) -> dict:
 
 
 def ray_path(photos: list[Path], out: Path, settings: RunSettings) -> dict:
-    """`dmdnet restore --ray` on a Ray started here: its actors' start (model loading) is included."""
+    """`dmdnet restore --ray` on a Ray started here: its actors' start (model loading) is included, and
+    the model actor runs torch on one thread (Ray's default for a one-CPU actor)."""
     from dmdnet_plugin.cluster import restore_on_ray
 
     jobs = [Job(str(src), str(out / src.name)) for src in photos]
@@ -159,6 +161,8 @@ def main() -> None:
     if args.ray:
         import ray
 
+        # a token for this Ray alone: Ray 2.60 would otherwise write one to ~/.ray/auth_token
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
         ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level="WARNING")
         for precision in ("fp32", "auto"):
             best = None

@@ -1,16 +1,20 @@
-"""Archives on a Ray cluster: the photo stream's stages as Ray Data operators.
+"""Archives on a Ray cluster: the photo stream's stages as Ray Data operators, one photo per row.
 
-read (tasks) -> detect (CPU actors holding the face backend) -> restore (actors holding the model:
-one per GPU, or on CPU) -> paste (tasks) -> write (tasks). A row is a window of
-:data:`~dmdnet_plugin.pipeline.FRAMES_PER_RUN` photos, the photos whose faces one model call
-restores together in :class:`~dmdnet_plugin.stream.PhotoStream`: the same batches, hence the same
-pixels as ``dmdnet restore`` without Ray. Each stage calls the stream's own stage functions, so
-there is no second copy of reading, restoring, pasting or writing. :class:`RayEngine` is the
-run's engine (:func:`dmdnet_plugin.runs.restore_files`), as the photo stream is on one machine.
+read (tasks: the file's bytes) -> detect (CPU actors holding the face backend: decode, find the
+faces) -> restore (actors holding the model: one per GPU, or on CPU) -> finish (tasks: decode,
+colours, paste-back, the atomic write; the report entry). A row's columns are what Arrow stores as
+it is (strings, bytes, numpy arrays: :func:`detection_columns`, :func:`result_columns`), so no
+object of ours is pickled between stages. The model stage takes ``batch_size`` =
+:data:`~dmdnet_plugin.pipeline.FRAMES_PER_RUN` rows, laid out (:func:`restore_on_ray`) so that each
+batch is a window of the photo stream (:class:`~dmdnet_plugin.stream.PhotoStream`): the faces are
+batched the same way, hence the same pixels as ``dmdnet restore`` on the same device and thread
+count (docs/scale.md). Each stage calls the stream's own stage functions, so there is no second
+copy of reading, restoring, pasting or writing. :class:`RayEngine` is the run's engine
+(:func:`dmdnet_plugin.runs.restore_files`), as the photo stream is on one machine.
 
 Inputs and outputs are local folders or any URI pyarrow opens (``s3://``, ``gs://``): workers read
 and write them directly, nothing goes through the driver but report entries. Ray restarts a dead
-actor and retries its window; outputs are written atomically (an object store's put is), so a
+actor and retries its task; outputs are written atomically (an object store's put is), so a
 window done twice still leaves one whole file. The driver keeps the run's journal (the CLI's), so
 an interrupted run started again restores only what is missing.
 
@@ -25,21 +29,26 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePath, PurePosixPath
 
 import numpy as np
 import torch
 
 from .atomic import TOKEN, atomic_path
-from .io import IMAGE_EXTENSIONS, Picture, decode_image, encode_image, read_image
+from .components import CROP_SIZE
+from .face_helper import AlignedFace, Detection
+from .faces import Face
+from .identity import IdentityDictionary
+from .io import IMAGE_EXTENSIONS, decode_image, encode_image, read_image
 from .journal import LocalFiles, Stamp
+from .matching import Match
 from .outputs import Found, Job, Plan, local_inputs, plan_jobs
-from .pipeline import FRAMES_PER_RUN, Mode, checked_mode, chunks, needs_embeddings
+from .pipeline import FRAMES_PER_RUN, FaceResult, Mode, checked_mode, chunks, needs_embeddings
 from .report import Entry
 from .runtime import pick_precision, precision_name
 from .settings import RunSettings
-from .stream import Done, find_faces, paste_photo, read_photo, restore_window, write_photo
+from .stream import Done, PhotoItem, find_faces, paste_photo, read_photo, restore_window, write_photo
 from .video import VIDEO_EXTENSIONS, is_video
 
 
@@ -121,11 +130,16 @@ class Storage:
         info = self.fs.get_file_info(self.path(name))
         return Stamp(info.size, info.mtime_ns or 0) if info.type == pafs.FileType.File else None
 
-    def load(self, path: str) -> Picture:
-        if self.local:
-            return read_image(path)  # the CLI's own reading and messages
-        with self.fs.open_input_file(path) as f:
-            return decode_image(f.readall(), self.name(path))
+    def read(self, path: str) -> bytes:
+        """A file's bytes; one that cannot be read fails as without Ray (:func:`read_image`'s message)."""
+        if not self.local:
+            with self.fs.open_input_file(path) as f:
+                return f.readall()
+        try:
+            return Path(path).read_bytes()
+        except OSError:
+            read_image(path)  # raises the ImageError that names the file and the problem
+            raise
 
     def save(self, path: Path, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
         data = encode_image(pixels, alpha, path.suffix)
@@ -170,38 +184,143 @@ class RayPlan:
     gpus_per_restore: float = 1.0
     detect_actors: int | None = None
     cpus_per_detect: float = 0.5
-    cpus_per_task: float = 0.25  # read, paste, write: mostly waiting on files, decoding and encoding
+    cpus_per_task: float = 0.25  # read and finish: mostly waiting on files, decoding and encoding
     ray_init: dict = field(default_factory=dict)  # extra ray.init arguments (a runtime_env, say)
 
 
-@dataclass(frozen=True)
-class _Window:
-    """A row: the window's photos at one stage. An object, so Ray Data stores it as it is."""
+# ------------------------------------------------------------------ rows
+# A row is one photo, in columns Arrow stores as they are: its job (``src``, ``dst``), its ``window``
+# (which FRAMES_PER_RUN photos the model restores together) and that window's count of ``photos``,
+# ``error`` (the report's text once the photo has failed; empty until then), the file's bytes, then
+# its faces as arrays and the model's crops. Nothing of ours is pickled into a row.
+_FACES = {  # column: (the value of one face, its shape and dtype: a column has one dtype, a row without faces too)
+    "crops": (lambda f: f.crop, (CROP_SIZE, CROP_SIZE, 3), np.float32),
+    "matrices": (lambda f: f.matrix, (2, 3), np.float64),
+    "part_boxes": (lambda f: f.boxes, (4, 4), np.int64),
+    "face_boxes": (lambda f: f.face.box, (4,), np.float64),
+    "landmarks": (lambda f: f.face.landmarks, (68, 2), np.float64),
+    "scores": (lambda f: f.face.score, (), np.float64),
+}
 
-    items: tuple
+
+def _stacked(values: list, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """One row's values as one array of ``dtype``, the dtype they are made in (tests/test_ray.py checks)."""
+    return np.stack(values).astype(dtype, copy=False) if values else np.zeros((0, *shape), dtype)
 
 
-def _each(batch: dict, step) -> dict:
-    return {"window": np.array([_Window(tuple(step(w.items))) for w in batch["window"]], object)}
+def detection_columns(detection: Detection) -> dict:
+    """A photo's faces as a row's columns: arrays, and in ``notes`` (JSON) how each face's part boxes
+    were found and the faces left out. Embeddings are there for every face or for none (only
+    matching needs them): (n, 0) when none."""
+    faces = detection.faces
+    columns = {name: _stacked([get(f) for f in faces], shape, dtype) for name, (get, shape, dtype) in _FACES.items()}
+    embeddings = [f.face.embedding for f in faces]
+    embedded = embeddings and all(e is not None for e in embeddings)
+    columns["embeddings"] = np.stack(embeddings) if embedded else np.zeros((len(faces), 0))
+    columns["notes"] = json.dumps({"boxes_from": [f.boxes_from for f in faces], "skipped": list(detection.skipped)})
+    return columns
 
 
+def columns_detection(row: dict) -> Detection:
+    """The :class:`Detection` of :func:`detection_columns`, the same values and dtypes."""
+    notes = json.loads(row["notes"])
+    faces = tuple(
+        AlignedFace(Face(box, landmarks, float(score), embedding if embedding.size else None), crop, matrix, boxes, how)
+        for crop, matrix, boxes, box, landmarks, score, embedding, how in zip(
+            *(row[name] for name in _FACES), row["embeddings"], notes["boxes_from"]
+        )
+    )
+    return Detection(faces, tuple(notes["skipped"]))
+
+
+def _index(identity: IdentityDictionary | None, identities: Sequence[IdentityDictionary]) -> int | None:
+    return None if identity is None else next(i for i, d in enumerate(identities) if d is identity)
+
+
+def result_columns(faces: Sequence[FaceResult], identities: Sequence[IdentityDictionary]) -> dict:
+    """The model's part of a photo as columns: the restored crops, and each face's identity (by its
+    index in ``identities``), matching decision and why it was left as it was, as JSON."""
+    decisions = []
+    for face in faces:
+        match = None
+        if face.match is not None:
+            match = {f.name: getattr(face.match, f.name) for f in fields(face.match)}
+            match["identity"] = _index(face.match.identity, identities)
+        decisions.append({"identity": _index(face.identity, identities), "match": match, "why": face.left_as_is})
+    restored = [f.restored for f in faces if f.restored is not None]
+    return {"restored": _stacked(restored, (CROP_SIZE, CROP_SIZE, 3), np.float32), "decisions": json.dumps(decisions)}
+
+
+def columns_results(row: dict, detection: Detection, identities: Sequence[IdentityDictionary]) -> tuple:
+    """The :class:`FaceResult` of each face of :func:`result_columns`."""
+    restored, results = iter(row["restored"]), []
+    for face, decision in zip(detection.faces, json.loads(row["decisions"])):
+        match = decision["match"]
+        if match is not None:
+            match = Match(**{**match, "identity": _at(identities, match["identity"])})
+        crop = None if decision["why"] is not None else next(restored)
+        results.append(FaceResult(face, _at(identities, decision["identity"]), match, crop, decision["why"]))
+    return tuple(results)
+
+
+def _at(identities: Sequence[IdentityDictionary], index: int | None) -> IdentityDictionary | None:
+    return None if index is None else identities[index]
+
+
+def _rows(batch: dict) -> list[dict]:
+    """A batch (column -> values) as one dict per row."""
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def _batch(rows: list[dict]) -> dict:
+    """Rows as a batch again."""
+    return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+def _job(row: dict) -> Job:
+    return Job(str(row["src"]), str(row["dst"]))
+
+
+def _failed(row: dict, error: Exception) -> dict:
+    """The row of a photo that ends here: the report's text of the error, and no more data."""
+    return {**row, "error": Entry.failed(row["src"], error).error, "data": b""}
+
+
+# ---------------------------------------------------------------- stages
 def _read(batch: dict, source: Storage) -> dict:
-    return _each(batch, lambda jobs: [read_photo(job, source.load) for job in jobs])
+    """The files' bytes (decoded where the pixels are needed, so that what crosses stages stays small)."""
+    rows = []
+    for row in _rows(batch):
+        try:
+            rows.append({**row, "error": "", "data": source.read(row["src"])})
+        except Exception as exc:
+            rows.append(_failed(row, exc))
+    return _batch(rows)
 
 
 class _Detect:
-    """Finds the faces of a window's photos (dlib or RetinaFace on CPU), once loaded per actor."""
+    """Decodes each photo and finds its faces (dlib or RetinaFace on CPU), the backend loaded once per actor."""
 
-    def __init__(self, settings: RunSettings, embed: bool) -> None:
+    def __init__(self, settings: RunSettings, embed: bool, source: Storage) -> None:
         self.helper = settings.face_helper("cpu")
-        self.aligned, self.embed = settings.aligned, embed
+        self.aligned, self.embed, self.source = settings.aligned, embed, source
 
     def __call__(self, batch: dict) -> dict:
-        return _each(batch, lambda items: [find_faces(i, self.helper, self.aligned, self.embed) for i in items])
+        return _batch([self._detect(row) for row in _rows(batch)])
+
+    def _detect(self, row: dict) -> dict:
+        if row["error"]:
+            return {**row, **detection_columns(Detection(()))}
+        item = read_photo(_job(row), lambda _: decode_image(row["data"], self.source.name(row["src"])))
+        item = find_faces(item, self.helper, self.aligned, self.embed)
+        if item.error is not None:
+            return {**_failed(row, item.error), **detection_columns(Detection(()))}
+        return {**row, **detection_columns(item.detection)}
 
 
 class _Restore:
-    """Holds the model (on this actor's GPU, or CPU) and restores a window's faces in one batch."""
+    """Holds the model (on this actor's GPU, or CPU) and restores the faces of a window's photos in
+    batches across them, as :class:`~dmdnet_plugin.stream.PhotoStream` does."""
 
     def __init__(self, settings: RunSettings, mode: Mode) -> None:
         import ray
@@ -210,17 +329,64 @@ class _Restore:
         self.mode = mode  # checked by restore_on_ray
 
     def __call__(self, batch: dict) -> dict:
-        identities = self.restorer.identities
-        return _each(batch, lambda items: restore_window(self.restorer, items, self.mode, identities))
+        done = []
+        for window in _windows(_rows(batch)):  # one: the rows as restore_on_ray lays them out
+            if len(window) != window[0]["photos"]:  # only if a Ray Data release bundles rows otherwise
+                logging.getLogger(__name__).warning(
+                    "dmdnet: Ray Data gave the model %d of the %d photos of window %d: their faces are "
+                    "batched otherwise than without --ray, so their pixels can differ in the last bits",
+                    len(window),
+                    window[0]["photos"],
+                    window[0]["window"],
+                )
+            done += self._restore(window)
+        return _batch(done)
+
+    def _restore(self, rows: list[dict]) -> list[dict]:
+        good = [row for row in rows if not row["error"]]
+        items = [PhotoItem(_job(row), detection=columns_detection(row)) for row in good]
+        restored = iter(restore_window(self.restorer, items, self.mode, self.restorer.identities))
+        done = []
+        for row in rows:
+            if row["error"]:
+                done.append({**row, **result_columns((), ())})
+                continue
+            item = next(restored)
+            if item.error is not None:
+                done.append({**_failed(row, item.error), **result_columns((), ())})
+            else:
+                done.append({**row, **result_columns(item.faces, self.restorer.identities)})
+        return done
 
 
-def _paste(batch: dict, settings: RunSettings) -> dict:
-    return _each(batch, lambda items: [paste_photo(item, settings) for item in items])
+def _windows(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each window, in order: a batch never mixes the photos of two model batches."""
+    windows: list[list[dict]] = []
+    for row in rows:
+        if not windows or windows[-1][0]["window"] != row["window"]:
+            windows.append([])
+        windows[-1].append(row)
+    return windows
 
 
-def _write(batch: dict, settings: RunSettings, target: Storage) -> dict:
-    entries = [[write_photo(p, settings, target.save).to_json() for p in w.items] for w in batch["window"]]
-    return {"entries": np.array([json.dumps(e) for e in entries], object)}
+def _finish(batch: dict, settings: RunSettings, source: Storage, target: Storage) -> dict:
+    """Colours, paste-back and the atomic write of each photo: its report entry (JSON), nothing else."""
+    entries = []
+    for row in _rows(batch):
+        job = _job(row)
+        if row["error"]:
+            entry = Entry.failed(job.src, row["error"])
+        else:
+            detection = columns_detection(row)
+            item = PhotoItem(
+                job,
+                picture=decode_image(row["data"], source.name(job.src)),
+                detection=detection,
+                faces=columns_results(row, detection, settings.dictionaries),
+            )
+            entry = write_photo(paste_photo(item, settings), settings, target.save)
+        entries.append(json.dumps(entry.to_json()))
+    return {"entry": entries}
 
 
 def _check_listening(address: str | None) -> None:
@@ -258,7 +424,12 @@ def restore_on_ray(
     address: str | None = None,
 ) -> Iterator[Entry]:
     """Restore ``jobs`` (photos; paths of ``source`` and ``target``, default local files) on the Ray
-    cluster at ``address`` (see :func:`connect`); the report entries as windows finish, in no set order."""
+    cluster at ``address`` (see :func:`connect`); the report entries in input order, as windows finish.
+
+    The model stage's batches are the photo stream's windows: each window of FRAMES_PER_RUN photos
+    is one block, ``preserve_order`` keeps the blocks in order, and the model stage gathers
+    ``batch_size`` rows from consecutive blocks, so each of its batches is one window (docs/scale.md)."""
+    import pyarrow as pa
     import ray
 
     mode = checked_mode(settings.mode, settings.dictionaries)
@@ -266,40 +437,52 @@ def restore_on_ray(
     connect(address, plan)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller shows progress (the CLI: one bar over photos)
-    context.enable_fallback_to_arrow_object_ext_type = True  # rows are Python objects, on purpose
+    context.execution_options.preserve_order = True  # blocks in order: the model's batches are windows
     for name, level in (("ray.data", logging.WARNING), ("ray.data._internal.progress", logging.ERROR)):
         logging.getLogger(name).setLevel(level)
+    windows = [
+        pa.table(
+            {"src": [j.src for j in w], "dst": [j.dst for j in w], "window": [k] * len(w), "photos": [len(w)] * len(w)}
+        )
+        for k, w in enumerate(chunks(jobs, FRAMES_PER_RUN))
+    ]
+    if not windows:
+        return
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0) if plan.gpus_per_restore else 0
     n_restore = plan.restore_actors or max(1, int(gpus // plan.gpus_per_restore) if gpus else 1)
     n_detect = plan.detect_actors or max(1, int(resources.get("CPU", 1) - n_restore * plan.cpus_per_restore))
-    windows = [{"window": _Window(tuple(w))} for w in chunks(jobs, FRAMES_PER_RUN)]
-    if not windows:
-        return
-    task = {"batch_size": 1, "num_cpus": plan.cpus_per_task}
-    ds = ray.data.from_items(windows, override_num_blocks=len(windows))
-    ds = ds.map_batches(_read, fn_kwargs={"source": source}, **task)
+    batches = {"batch_format": "numpy", "batch_size": FRAMES_PER_RUN}  # every stage: a window at a time
+    ds = ray.data.from_arrow(windows)  # one block per window
+    ds = ds.map_batches(_read, fn_kwargs={"source": source}, num_cpus=plan.cpus_per_task, **batches)
     ds = ds.map_batches(
         _Detect,
-        fn_constructor_kwargs={"settings": settings, "embed": needs_embeddings(mode, settings.dictionaries)},
+        fn_constructor_kwargs={
+            "settings": settings,
+            "embed": needs_embeddings(mode, settings.dictionaries),
+            "source": source,
+        },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_detect),
-        batch_size=1,
         num_cpus=plan.cpus_per_detect,
+        **batches,
     )
     ds = ds.map_batches(
         _Restore,
         fn_constructor_kwargs={"settings": settings, "mode": mode},
         compute=ray.data.ActorPoolStrategy(size=n_restore),
-        batch_size=1,
         num_cpus=plan.cpus_per_restore,
         num_gpus=plan.gpus_per_restore if gpus else None,
+        **batches,
     )
-    ds = ds.map_batches(_paste, fn_kwargs={"settings": settings}, **task)
-    ds = ds.map_batches(_write, fn_kwargs={"settings": settings, "target": target}, **task)
+    ds = ds.map_batches(
+        _finish,
+        fn_kwargs={"settings": settings, "source": source, "target": target},
+        num_cpus=plan.cpus_per_task,
+        **batches,
+    )
     for row in ds.iter_rows():
-        for record in json.loads(row["entries"]):
-            entry = Entry.from_json(record)
-            yield entry.renamed(source.name(entry.input), None if entry.output is None else target.name(entry.output))
+        entry = Entry.from_json(json.loads(row["entry"]))
+        yield entry.renamed(source.name(entry.input), None if entry.output is None else target.name(entry.output))
 
 
 class RayEngine:
