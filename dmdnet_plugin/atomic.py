@@ -28,7 +28,8 @@ def atomic_path(path: str | Path, token: str = TOKEN) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.dmdnet-{token}-", suffix=".part" + path.suffix, dir=path.parent)
+    name = path.name[:120]  # a name near the 255-byte limit still leaves room for the mark
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.dmdnet-{token}-", suffix=".part" + path.suffix[:20], dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

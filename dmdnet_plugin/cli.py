@@ -20,9 +20,9 @@ from .cluster import ClusterError, RayEngine, RayPlan
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import DETECTORS, Face, FaceBackend, FaceModelsError, landmark_path, shared_backend, write_landmarks
 from .factory import load_restorer
-from .identity import IdentityDictionary, IdentityError
+from .identity import IdentityDictionary
 from .io import ImageError, Picture, list_images, read_image, refuse_overwrite, to_uint8, write_image
-from .journal import RunLockedError
+from .journal import JournalError, RunLockedError
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import Mode, Restorer
 from .report import Entry, Status
@@ -35,6 +35,10 @@ from .weights import OFFICIAL_URL, URL_ENV, WeightsError, cache_dir, convert, do
 
 class CliError(Exception):
     """A problem that stops the whole command (not one input)."""
+
+
+# what stops a command with one line and exit status 2 (ValueError: a value no run can use)
+COMMAND_ERRORS = (CliError, ValueError, WeightsError, FaceModelsError, RunLockedError, JournalError, ClusterError)
 
 
 def _error(message: str) -> None:
@@ -104,10 +108,14 @@ def cmd_restore(args) -> int:
             on_start=progress.start,
             on_entry=progress.entry,
         )
+    for warning in report.warnings:
+        tqdm.write(f"warning: {printable(warning)}", file=sys.stderr)
     counts = {s: report.count(s) for s in Status}
+    earlier = f" ({progress.kept} by an earlier run)" if progress.kept else ""
+    unchanged = f", {counts[Status.UNCHANGED]} left as they were" if counts[Status.UNCHANGED] else ""
     print(
-        f"{counts[Status.OK]} restored, {counts[Status.NO_FACE]} without a face, {counts[Status.ERROR]} failed "
-        f"-> {printable(args.output)}",
+        f"{counts[Status.OK]} restored{earlier}, {counts[Status.NO_FACE]} without a face{unchanged}, "
+        f"{counts[Status.ERROR]} failed -> {printable(args.output)}",
         file=sys.stderr,
     )
     return 1 if report.failed else 0
@@ -129,6 +137,7 @@ class _Progress:
     def __init__(self) -> None:
         self.bar: tqdm | None = None
         self.clips: dict[str, tqdm] = {}
+        self.kept = 0
 
     def __enter__(self) -> _Progress:
         return self
@@ -139,6 +148,7 @@ class _Progress:
                 bar.close()
 
     def start(self, found: RunStart) -> None:
+        self.kept = found.kept
         for entry in found.refused:
             _error(entry.error)
         if found.kept or found.again:
@@ -430,10 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, WeightsError, IdentityError, ImageError, ValueError, FaceModelsError, RunLockedError) as exc:
-        _error(str(exc))
-        return 2
-    except ClusterError as exc:
+    except COMMAND_ERRORS as exc:
         _error(str(exc))
         return 2
     except KeyboardInterrupt:

@@ -162,12 +162,6 @@ class StoredFiles:
         store = self.stores.get(name.split("://", 1)[0] if "://" in name else None)
         return self.local.stamp(name, content) if store is None or store.local else store.stamp(name)
 
-    def usable(self, name: str, written: Stamp) -> bool:
-        if "://" not in name:
-            return self.local.usable(name, written)
-        now = self.stamp(name, content=False)
-        return now is not None and now.size > 0
-
     def remove_leftovers(self, folder: str, tokens: set[str]) -> None:
         if "://" not in folder:  # an object store's upload appears whole or not at all
             self.local.remove_leftovers(folder, tokens)

@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from .journal import same_name
 from .report import Entry
+
+FACE_FOLDERS = ("cropped_faces", "restored_faces")  # where --save-faces writes, beside each output
 
 
 @dataclass(frozen=True)
@@ -65,33 +68,51 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def plan_jobs(found: Iterable[Found], join: Callable[[PurePath], str], save_faces: bool = False) -> Plan:
-    """The jobs of ``found`` (``join``: a relative path -> its output). An input given twice is
-    restored once. ``save_faces``: face crops are named by the photo's folder and stem
-    (``cropped_faces/img_00.png``), so those must differ too."""
+    """The jobs of ``found`` (``join``: a relative path -> its output). An input given twice (under
+    any spelling) is restored once. Refused, one line each: two inputs with one output, an output
+    that another output needs as its folder, and with ``save_faces`` (crops named by the photo's
+    folder and stem: ``cropped_faces/img_00.png``) two photos whose crops would share names, or a
+    photo that lies in a crops folder itself."""
     inputs: list[str] = []
     outputs: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
     for item in found:
-        if item.src not in outputs:
+        dst = join(item.relative)
+        if (same_name(item.src), dst) not in seen:
+            seen.add((same_name(item.src), dst))
             inputs.append(item.src)
-            outputs[item.src] = join(item.relative)
+            outputs[item.src] = dst
     claims: dict[str, list[str]] = {}
     for src, dst in outputs.items():
-        names = [dst] + ([str(PurePath(dst).parent / f"faces of {PurePath(dst).stem}")] if save_faces else [])
-        for name in names:
+        path = PurePath(dst)
+        names = [dst, *(str(parent) for parent in path.parents)]
+        if save_faces:
+            names.append(str(path.parent / FACE_FOLDERS[0] / path.stem))
+        for name in dict.fromkeys(names):
             claims.setdefault(name, []).append(src)
-    clash = {src: others for others in claims.values() if len(others) > 1 for src in others}
-    refused = tuple(
-        Entry.failed(
-            src,
-            f"{src}: would have the same output as {_other(clash[src], src)} ({outputs[src]}); rename "
-            "one, or restore them into different folders",
-        )
-        for src in inputs
-        if src in clash
-    )
+    clash = {src: others for name, others in claims.items() if _clashes(name, others, outputs) for src in others}
+    if save_faces:
+        clash.update({src: [src] for src, dst in outputs.items() if set(PurePath(dst).parts) & set(FACE_FOLDERS)})
+    refused = tuple(Entry.failed(src, _why(src, clash[src], outputs)) for src in inputs if src in clash)
     jobs = tuple(Job(src, outputs[src]) for src in inputs if src not in clash)
     return Plan(tuple(inputs), jobs, refused)
 
 
-def _other(sources: list[str], src: str) -> str:
-    return next(s for s in sources if s != src)
+def _clashes(name: str, sources: list[str], outputs: dict[str, str]) -> bool:
+    """Whether a name claimed by several ``sources`` cannot be theirs at once: an output of one (and
+    the output, or a folder it needs, of another), or the face crops of two photos."""
+    if len(sources) < 2:
+        return False
+    return any(outputs[s] == name for s in sources) or PurePath(name).parent.name == FACE_FOLDERS[0]
+
+
+def _why(src: str, others: list[str], outputs: dict[str, str]) -> str:
+    other = next((s for s in others if s != src), None)
+    if other is None:
+        return f"{src}: lies in a {' or '.join(FACE_FOLDERS)} folder, where --save-faces writes its face crops"
+    if outputs[src] != outputs[other] and PurePath(outputs[src]).stem == PurePath(outputs[other]).stem:
+        return f"{src}: its face crops (--save-faces) would have the same names as {other}'s; rename one"
+    return (
+        f"{src}: would have the same output as {other} ({outputs[src]} and {outputs[other]} cannot both be "
+        "written); rename one, or restore them into different folders"
+    )

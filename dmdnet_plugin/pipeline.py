@@ -24,7 +24,7 @@ from .colours import keep_colours as keep_colours_of
 from .damage import damaged_embedding
 from .face_helper import AlignedFace, Background, Detection, FaceHelper
 from .identity import IdentityDictionary
-from .io import ImageError, ImageWriter, Picture, read_image, to_uint8, write_image
+from .io import ImageError, ImageWriter, Picture, check_pixels, read_image, to_uint8, write_image
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Match, match
 from .model import DMDNet
 from .weights import LoadedModel
@@ -313,6 +313,8 @@ class Restorer:
                 else replace(f, restored=smoother(f.face.track, f.restored))
                 for f in faces
             )
+        width, height = (round(side * upscale) for side in picture.size)
+        check_pixels(width, height, f"the output ({upscale}x)")  # before a huge canvas is allocated
         pixels, alpha = FaceHelper.paste(
             picture, [(f.face, f.restored) for f in faces if f.restored is not None], upscale, strength, background
         )

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 class Status(str, Enum):
     OK = "ok"  # written, with at least one face restored
     NO_FACE = "no_face"  # written unchanged: no face was found
+    UNCHANGED = "unchanged"  # written, its faces all left as they were (only-matched: none matched)
     ERROR = "error"  # not written; ``error`` says why
 
 
@@ -88,7 +89,10 @@ class Entry:
     @classmethod
     def written(cls, src: str | Path, dst: str | Path, result: ImageResult) -> Entry:
         """A photo whose output was written."""
-        status = Status.OK if result.faces else Status.NO_FACE
+        if any(f.restored is not None for f in result.faces):
+            status = Status.OK
+        else:
+            status = Status.UNCHANGED if result.faces else Status.NO_FACE
         return cls(str(src), str(dst), status, None, tuple(f.record() for f in result.faces), tuple(result.skipped))
 
     def renamed(self, src: str, dst: str | None) -> Entry:
@@ -130,6 +134,7 @@ class RunReport:
     settings: RunSettings
     files: tuple[Entry, ...]
     engine: str = "stream"
+    warnings: tuple[str, ...] = ()  # what went wrong with the run itself (its journal), not with an input
 
     def count(self, status: Status) -> int:
         return sum(e.status is status for e in self.files)
@@ -150,6 +155,7 @@ class RunReport:
             "weights": settings.pop("weights"),
             "settings": settings,
             "summary": {s.value: self.count(s) for s in Status},
+            "warnings": list(self.warnings),
             "files": [e.to_json() for e in self.files],
         }
 

@@ -11,6 +11,7 @@ done)`` yielding report entries and calling ``done(entry)`` as each output is wr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Protocol
 
 from .clips import ClipStatus
 from .io import IMAGE_EXTENSIONS
-from .journal import Files, Journal, LocalFiles
+from .journal import Files, Journal, LocalFiles, same_name
 from .outputs import Job, Plan, local_inputs, plan_jobs
 from .pipeline import Restorer
 from .report import Entry, RunReport
 from .settings import RunSettings
 from .stream import Done, PhotoStream
+from .text import printable
 from .video import VIDEO_EXTENSIONS, is_video, restore_video_job
 
 
@@ -108,28 +110,69 @@ def restore_files(
     :class:`~dmdnet_plugin.journal.RunLockedError` when another run writes into ``output``.
     """
     engine = engine or LocalEngine(settings or RunSettings.create())
-    output = str(output)
-    plan = engine.plan([str(i) for i in inputs], output)
+    inputs, output = [str(i) for i in inputs], str(output)
+    _check_names(inputs, output)
+    plan = engine.plan(inputs, output)
     if not plan.inputs:
         raise ValueError("no input images or videos found")
+    if report:
+        _check_report(str(report), plan)
     results = {entry.input: entry for entry in plan.refused}
+    refused = list(plan.refused)
     with Journal(output, engine.settings.key(), engine.files, resume) as journal:
         todo, again = [], 0
         for job in plan.jobs:
             resumed = journal.resumed(job.src, job.dst)
             if resumed.entry is not None:
                 results[job.src] = resumed.entry
+            elif journal.foreign(job.dst):
+                refused.append(Entry.failed(job.src, _foreign(job)))
+                results[job.src] = refused[-1]
             else:
                 todo.append(job)
                 again += resumed.again is not None
         if on_start:
-            on_start(RunStart(len(plan.inputs), len(plan.jobs) - len(todo), again, plan.refused))
-        journal.begin([job.src for job in todo])
+            kept = len(plan.jobs) - len(todo) - (len(refused) - len(plan.refused))
+            on_start(RunStart(len(plan.inputs), kept, again, tuple(refused)))
+        journal.claim([job.src for job in todo], [job.dst for job in todo])
         for entry in engine.restore(todo, journal.add):
             results[entry.input] = entry
             if on_entry:
                 on_entry(entry)
-    done = RunReport(engine.settings, tuple(results[src] for src in plan.inputs), engine.name)
+    warnings = () if journal.problem is None else (journal.problem,)
+    done = RunReport(engine.settings, tuple(results[src] for src in plan.inputs), engine.name, warnings)
     if report:
         done.write(report)
     return done
+
+
+def _foreign(job: Job) -> str:
+    """Why a job whose output is already a file of the user's is refused."""
+    if same_name(job.src) == same_name(job.dst):
+        return f"{job.src}: the output would overwrite the input; choose another output folder (-o)"
+    return (
+        f"{job.src}: its output {job.dst} is a file this project did not write (the folder's journal does not "
+        "name it), and it is never overwritten: move it away, or choose another output folder"
+    )
+
+
+def _check_names(inputs: list[str], output: str) -> None:
+    """Names no run can use: an empty one (an unset variable in a script) would mean the current folder."""
+    if "" in inputs or not output:
+        raise ValueError("an input or the output folder is an empty name")
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"{printable(output)}: is a file, not a folder; the output must be a folder")
+
+
+def _check_report(report: str, plan: Plan) -> None:
+    """The report never replaces an input, an output, or a file that is not an earlier report."""
+    name = same_name(report)
+    if name in {same_name(n) for n in plan.inputs} | {same_name(j.dst) for j in plan.jobs}:
+        raise ValueError(f"{printable(report)}: the report would overwrite an input or an output")
+    if os.path.isdir(report):
+        raise ValueError(f"{printable(report)}: is a folder; the report is a file")
+    if os.path.exists(report):
+        with open(report, "rb") as f:
+            head = f.read(4096)
+        if b'"format": "dmdnet-report"' not in head and not head.startswith(b'{\n  "weights":'):
+            raise ValueError(f"{printable(report)}: exists and is not a dmdnet report; it is not overwritten")

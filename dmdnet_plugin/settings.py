@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -158,8 +159,12 @@ class RunSettings:
 
     def check(self) -> None:
         """Values no run can use are refused up front (not found photo by photo)."""
+        numbers = {"upscale": self.upscale, "strength": self.strength}
+        for name, value in {**numbers, "threshold": self.threshold, "margin": self.margin}.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         problems = [
-            (self.upscale <= 0 or self.upscale > 16, f"upscale must be above 0 and at most 16, got {self.upscale}"),
+            (not 0.1 <= self.upscale <= 16, f"upscale must be between 0.1 and 16, got {self.upscale}"),
             (not 0 <= self.strength <= 1, f"strength must be between 0 and 1, got {self.strength}"),
             (self.batch_size < 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.min_face < 1, f"min face must be at least 1 px, got {self.min_face}"),

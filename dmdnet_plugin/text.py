@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 
-# C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 controls, DEL, C1 controls, the Unicode line and paragraph separators, and the marks that turn
+# text around (``nope\u202egpj.exe`` shows as "nopeexe.jpg")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

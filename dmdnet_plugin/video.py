@@ -253,5 +253,8 @@ def restore_video_job(
         )
     except Exception as exc:
         return Entry.failed(job.src, exc)
-    status = Status.OK if record.faces_restored else Status.NO_FACE
+    if record.faces_restored:
+        status = Status.OK
+    else:
+        status = Status.UNCHANGED if record.faces_seen else Status.NO_FACE
     return Entry(job.src, job.dst, status, video=record)

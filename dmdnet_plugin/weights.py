@@ -82,7 +82,7 @@ class WeightsSource:
 
     def notice(self) -> str:
         """What every surface tells its user: the file, and for the demo model how to get the real one."""
-        text = f"weights: {self.path} ({self.origin})"
+        text = f"weights: {printable(self.path)} ({self.origin})"
         return f"{text}\nnote: {DEMO_NOTE}" if self.is_demo else text
 
 

@@ -128,10 +128,21 @@ def test_resume_restores_again_what_changed(small_weights, tmp_path, capsys):
     os.utime(inputs / "b.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (inputs / "b.jpg").stat().st_size == stat.st_size
     assert again(1) == {"b.jpg"}
-    # an output cut to 0 bytes, and one that does not decode
+    # an output cut to 0 bytes, one that does not decode, one zeroed inside (it still decodes)
     (out / "c.jpg").write_bytes(b"")
     (out / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg any more")
-    assert again(2) == {"b.jpg", "c.jpg"} and near("c.jpg", "c.jpg")
+    with open(out / "a.jpg", "r+b") as f:
+        f.seek(2000)
+        f.write(bytes(3000))
+    assert read_image(out / "a.jpg").size == read_image(C).size
+    assert again(3) == {"a.jpg", "b.jpg", "c.jpg"} and near("c.jpg", "c.jpg") and near("a.jpg", "c.jpg")
+    # another input written over an output: the first input's output no longer matches it
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(B, other / "c.jpg")
+    assert restore([other / "c.jpg"], out, weights) == 0 and near("c.jpg", "b.jpg")
+    times["c.jpg"] = (out / "c.jpg").stat().st_mtime_ns
+    assert again(1) == {"c.jpg"} and near("c.jpg", "c.jpg")
     # other weights copied over the same file: every output again
     save_checkpoint(small_net(seed=1), weights)
     assert again(0) == {"a.jpg", "b.jpg", "c.jpg"} and not near("c.jpg", "c.jpg")
@@ -158,6 +169,13 @@ def test_same_named_photos_in_sub_folders_keep_their_paths(small_weights, tmp_pa
     # again: the outputs inside the input folder are not taken for inputs
     assert restore([inputs], inputs / "out_inside", small_weights) == 0
     assert "2 of 2 inputs already restored" in capsys.readouterr().err
+
+    # -o a folder of the inputs that holds a photo of the same name: the user's photo is never overwritten
+    shutil.copy(C, inputs / "img.jpg")  # its output would be in/2020/img.jpg, the user's photo
+    code = restore([inputs], inputs / "2020", small_weights)
+    (line,) = errors(capsys)
+    assert code == 1 and "is a file this project did not write" in line and f"{inputs / 'img.jpg'}:" in line
+    assert (inputs / "2020" / "img.jpg").read_bytes() == B.read_bytes()
 
     code = restore([inputs / "2019" / "img.jpg", inputs / "2020" / "img.jpg", C], out, small_weights)
     lines = errors(capsys)
@@ -254,3 +272,54 @@ def test_ray_takes_no_input_for_an_address():
     assert args.ray and args.inputs == ["archive/"] and args.ray_address is None
     args = build_parser().parse_args(["restore", "a/", "--ray", "--ray-address", "10.0.0.1:6379", "-o", "r/"])
     assert args.ray_address == "10.0.0.1:6379" and args.inputs == ["a/"]
+
+
+def test_the_report_never_replaces_an_input_or_a_file_of_the_users(small_weights, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(A, inputs / "a.jpg")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "folder.json").mkdir()
+    for report, message in (
+        (inputs / "a.jpg", "would overwrite an input or an output"),
+        (tmp_path / "notes.txt", "exists and is not a dmdnet report"),
+        (tmp_path / "folder.json", "is a folder"),
+    ):
+        assert restore([inputs], tmp_path / "out", small_weights, "--report", report) == 2
+        (line,) = errors(capsys)
+        assert message in line
+    assert (inputs / "a.jpg").read_bytes() == A.read_bytes() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert restore([inputs], tmp_path / "out", small_weights, "--report", tmp_path / "r.json") == 0
+    assert restore([inputs], tmp_path / "out", small_weights, "--report", tmp_path / "r.json") == 0  # its own
+
+
+def test_a_cache_that_cannot_hold_the_journal_is_one_line(small_weights, tmp_path, capsys, monkeypatch):
+    """A cache folder that is a file, or a journal with bytes gone wrong: one line, or a run that goes on."""
+    (tmp_path / "not_a_folder").write_text("x")
+    monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "not_a_folder"))
+    assert restore([A], tmp_path / "out", small_weights) == 2
+    (line,) = errors(capsys)
+    assert "cannot keep the run's journal" in line and "DMDNET_CACHE" in line
+    monkeypatch.setenv("DMDNET_CACHE", str(tmp_path / "cache"))
+    assert restore([A], tmp_path / "out", small_weights) == 0
+    with open(journal_path(tmp_path / "out"), "ab") as f:
+        f.write(b"\xff\xfe garbage\n{not json\n")
+    assert restore([A], tmp_path / "out", small_weights) == 0
+    assert "1 of 1 inputs already restored" in capsys.readouterr().err
+
+
+def test_values_no_run_can_use_and_long_names(small_weights, tmp_path, capsys):
+    """NaN and infinite numbers are refused up front (a report must stay JSON); a name near the file
+    system's limit still gets its temporary file; the weights' name is escaped like any other."""
+    for option, value in (("--threshold", "nan"), ("--margin", "inf"), ("--upscale", "0.001"), ("--device", "mps")):
+        assert restore([A], tmp_path / "out", small_weights, option, value) == 2
+        assert len(errors(capsys)) == 1
+    long = tmp_path / "in" / ("L" * 240 + ".jpg")
+    long.parent.mkdir()
+    shutil.copy(A, long)
+    assert restore([long], tmp_path / "out", small_weights) == 0 and (tmp_path / "out" / long.name).is_file()
+    odd = tmp_path / "w\x1b[7m\nerror: fake.safetensors"
+    shutil.copy(small_weights, odd)
+    assert restore([A], tmp_path / "out2", odd) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and not any(line.startswith("error:") for line in err.splitlines())
