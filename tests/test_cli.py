@@ -178,7 +178,7 @@ def test_report_schema(tmp_path, weights):
     report = checked(tmp_path / "r.json")  # the schema of docs/cli.md
     assert report["weights"]["origin"] == "--weights" and report["weights"]["sha256"] == sha256_of(weights)
     assert report["precision"] == report["settings"]["precision"] in ("fp32", "bf16")
-    assert report["summary"] == {"ok": 1, "no_face": 0, "error": 1}
+    assert report["summary"] == {"ok": 1, "no_face": 0, "unchanged": 0, "error": 1} and report["warnings"] == []
     ok, bad = report["files"]
     assert set(ok) >= {"input", "output", "status", "error", "faces"}
     assert ok["status"] == "ok" and ok["error"] is None and ok["output"].endswith("family.png")
