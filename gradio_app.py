@@ -3,12 +3,15 @@
     python gradio_app.py [--host 127.0.0.1] [--port 7860] [--weights PATH] [--device cpu|cuda]
                          [--precision auto|fp32|fp16|bf16] [--detector auto|hog|cnn|retinaface]
                          [--face-models DIR] [--share] [--mcp] [--identities DIR]
+                         [--bg-upsampler MODEL ...]
 
 Glue around dmdnet_plugin's Restorer (the CLI's pipeline, built by the same factory). The
 model loads once and is shared by all requests; the queue runs one restoration at a time.
 With ``--mcp`` (or ``GRADIO_MCP_SERVER=True``) the app is also a Model Context Protocol server
 whose tools (``restore_photo``, ``build_identity``, ``list_identities``) an agent can call; the
-identities they save live in ``--identities DIR``.
+identities they save live in ``--identities DIR``. Each ``--bg-upsampler`` (a super-resolution model file,
+or a folder of them) is a choice of the photo page's *Background*: the rest of the photo upscaled by that
+model instead of a Lanczos resize (docs/background.md).
 
 Whatever a browser or an agent sends is untrusted: errors come back as one line that names files,
 never the server's folders; results live in one temporary folder that goes when the server stops.
@@ -36,6 +39,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from dmdnet_plugin.background import UpsamplerError, load_upsampler
 from dmdnet_plugin.face_helper import MIN_FACE
 from dmdnet_plugin.faces import DETECTORS, FaceModelsError
 from dmdnet_plugin.factory import load_restorer
@@ -52,6 +56,8 @@ ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD = "25mb"
 MAX_VIDEO_FRAMES = 300  # about 10 s at 30 fps: a CPU restores a face in about a second
 MODES = [m.value for m in Mode]
+LANCZOS = "Lanczos"  # the Background choice without a model: a plain resize
+MODEL_SUFFIXES = (".pth", ".safetensors")  # what a --bg-upsampler folder offers
 KEEP_RESULTS_S = 600  # a result stays this long in the app's folder (gradio copies it to its cache when sent)
 CACHE_LIFE_S = (600, 3600)  # gradio's cache: every 10 minutes, files older than an hour go (all of them at exit)
 # What a user can act on (ImageError and IdentityError are ValueErrors); anything else is a bug: gradio says "Error".
@@ -126,6 +132,7 @@ class Demo:
     max_video_frames: int = MAX_VIDEO_FRAMES
     identities_dir: Path = field(default_factory=lambda: cache_dir() / "identities")  # the agents' tools
     keep_results_s: float = KEEP_RESULTS_S
+    upsamplers: tuple[str, ...] = ()  # the Background choices besides Lanczos: model files (background_models)
     scratch: str = field(init=False, repr=False, compare=False, default_factory=scratch_folder)
 
     @functools.cached_property
@@ -139,7 +146,27 @@ class Demo:
         """``text`` without the server's paths: the uploads and the app's own files by name only."""
         weights = self.weights and Path(self.weights).expanduser()
         folders = (self.scratch, self.identities_dir, os.path.realpath(self.identities_dir), cache_dir())
-        return names_only(text, [*uploads, weights, *folders])
+        return names_only(text, [*uploads, weights, *self.upsamplers, *folders])
+
+    def backgrounds(self) -> list[str]:
+        """The Background choices: Lanczos, then each model by its file name."""
+        return [LANCZOS, *(Path(p).name for p in self.upsamplers)]
+
+    def _model_file(self, background: str | None) -> str | None:
+        """The model file of a Background choice (None: Lanczos)."""
+        if not background or background == LANCZOS:
+            return None
+        paths = {Path(p).name: p for p in self.upsamplers}
+        if background not in paths:
+            raise ValueError(f"no background {printable(background)!r}: one of {', '.join(self.backgrounds())}")
+        return paths[background]
+
+    def upscale_for(self, background: str | None):
+        """The Upscale slider when a Background model is chosen: the model's own scale (loaded on the CPU
+        at the start, so the face model need not load for this); Lanczos leaves it as it is."""
+        with self._refusals():
+            file = self._model_file(background)
+            return gr.skip() if file is None else float(load_upsampler(file).scale)
 
     @contextlib.contextmanager
     def _refusals(self, *uploads: str | None) -> Iterator[None]:
@@ -202,9 +229,11 @@ class Demo:
         margin: float = DEFAULT_MARGIN,
         keep_colours: bool = True,
         min_face: int = MIN_FACE,
+        background: str = LANCZOS,
         progress=gr.Progress(),
     ):
-        """Everything the page shows for one request; problems become one readable message."""
+        """Everything the page shows for one request; problems become one readable message.
+        ``background``: Lanczos or a model of :meth:`backgrounds` for the rest of the photo."""
         if not photo:
             raise gr.Error("Upload a photo first.")
         ref_paths = list(ref_paths or [])
@@ -212,11 +241,13 @@ class Demo:
             restorer = self._restorer(threshold=threshold, margin=margin, only_largest=only_largest, min_face=min_face)
             picture = read_image(photo)
             check_upscale(picture, upscale, photo)
+            file = self._model_file(background)
+            upsampler = None if file is None else load_upsampler(file, self.model.device)
             progress(0.1, desc="identity dictionary")
             ident, ident_file, notes = self._identity(restorer, ref_paths, identity_path)
             progress(0.3, desc="finding faces and restoring")
             generic, with_identity = restorer.compare(
-                picture, mode, [ident] if ident else [], strength, upscale, keep_colours
+                picture, mode, [ident] if ident else [], strength, upscale, keep_colours, upsampler
             )
         if not generic.faces:
             raise no_face(photo, generic)
@@ -230,6 +261,9 @@ class Demo:
         message += "".join(
             f"; face {i + 1} left as it was ({f.left_as_is})" for i, f in enumerate(shown.faces) if f.left_as_is
         )
+        if upsampler is not None:
+            resized = "" if upscale == upsampler.scale else f", then resized to {upscale:g}x"
+            notes.append(f"background: {printable(upsampler.name)} ({upsampler.scale}x){resized}")
         message = "\n\n".join([message, *notes, *self._notice()])
         return (
             (_display(picture.pixels, after.shape[1::-1]), after),
@@ -419,6 +453,15 @@ def build_ui(demo: Demo) -> gr.Blocks:
                     with gr.Row():
                         upscale = gr.Slider(1, 4, value=1, step=0.5, label="Upscale")
                         strength = gr.Slider(0, 1, value=1, step=0.05, label="Blend strength")
+                    background = None  # offered when the server has models: /restore then takes a 12th value
+                    if demo.upsamplers:
+                        background = gr.Dropdown(
+                            demo.backgrounds(),
+                            value=LANCZOS,
+                            label="Background",
+                            info="the rest of the photo: a Lanczos resize, or a super-resolution model (sets "
+                            "Upscale to its scale); the faces are restored at the upscaled size",
+                        )
                     with gr.Row():
                         largest = gr.Checkbox(False, label="Only the largest face")
                         min_face = gr.Slider(
@@ -465,11 +508,14 @@ def build_ui(demo: Demo) -> gr.Blocks:
                     status = gr.Markdown()
             run.click(
                 demo.restore,
-                [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours, min_face],
+                [photo, references, identity, mode, upscale, strength, largest, threshold, margin, colours, min_face]
+                + ([background] if background else []),
                 [slider, generic, with_identity, gallery, result_file, identity_file, status],
                 api_name="restore",
                 api_visibility="undocumented",  # callable by gradio_client; agents get the MCP tools instead
             )
+            if background:
+                background.change(demo.upscale_for, background, upscale, api_visibility="private", queue=False)
             gr.Examples(
                 [
                     [str(examples / "photos" / "obama_lowres.jpg"), refs, None, "auto", 2, 1.0, False],
@@ -486,6 +532,25 @@ def build_ui(demo: Demo) -> gr.Blocks:
 def _stop(signum: int, frame: object) -> None:
     """SIGTERM as Ctrl-C: gradio closes the server and empties its cache, and the app's folder goes at exit."""
     raise KeyboardInterrupt
+
+
+def background_models(given: Iterable[str | Path]) -> tuple[str, ...]:
+    """The model files of ``--bg-upsampler`` (files, and the .pth and .safetensors files of folders), each
+    loaded once here so that a bad one stops the server at its start; the names must differ (the page
+    shows names only)."""
+    files = []
+    for path in map(Path, given):
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES) if path.is_dir() else [path]
+        if not found:
+            raise UpsamplerError(f"{printable(path)}: no {' or '.join(MODEL_SUFFIXES)} files in this folder")
+        files += [str(p.resolve()) for p in found if str(p.resolve()) not in files]
+    for file in files:
+        load_upsampler(file)
+    names = [Path(f).name for f in files]
+    if len(set(names)) < len(names):
+        twice = sorted({printable(n) for n in names if names.count(n) > 1})
+        raise UpsamplerError(f"two background models named {', '.join(twice)}: rename one")
+    return tuple(files)
 
 
 def main() -> None:
@@ -517,14 +582,32 @@ def main() -> None:
         default=cache_dir() / "identities",
         help="folder of the identities the MCP tools save (default %(default)s)",
     )
+    parser.add_argument(
+        "--bg-upsampler",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a super-resolution model file (or a folder of .pth/.safetensors) offered as the photo page's "
+        "Background; repeatable (docs/background.md)",
+    )
     args = parser.parse_args()
+    try:
+        upsamplers = background_models(args.bg_upsampler)
+    except UpsamplerError as exc:
+        parser.exit(2, f"error: {exc}\n")
     # gr.Image opens uploads with Pillow, whose pixel limit only warns up to twice its value: in this
     # process (not in the core, which also runs inside ComfyUI) it is the photos' limit, and an error
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     signal.signal(signal.SIGTERM, _stop)
     demo = Demo(
-        args.weights, args.device, args.precision, args.detector, args.face_models, identities_dir=args.identities
+        args.weights,
+        args.device,
+        args.precision,
+        args.detector,
+        args.face_models,
+        identities_dir=args.identities,
+        upsamplers=upsamplers,
     )
     blocks = build_ui(demo)
     blocks.queue(default_concurrency_limit=1, max_size=16)

@@ -21,6 +21,8 @@ NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, st
     "LoadImage": (["image", "upload"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "ImageBatch": ([], [("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
+    "UpscaleModelLoader": (["model_name"], [], [("UPSCALE_MODEL", "UPSCALE_MODEL")]),
+    "ImageUpscaleWithModel": ([], [("upscale_model", "UPSCALE_MODEL"), ("image", "IMAGE")], [("IMAGE", "IMAGE")]),
     "DMDNetModelLoader": (["model_name", "device", "precision"], [], [("model", "DMDNET_MODEL")]),
     "DMDNetDetectFaces": (
         ["detector", "min_face", "max_faces", "only_largest"],
@@ -51,6 +53,7 @@ NODE_SPECS: dict[str, tuple[list[str], list[tuple[str, str]], list[tuple[str, st
     "SaveVideo": (["filename_prefix", "format", "codec"], [("video", "VIDEO")], []),
 }
 MODEL = "dmdnet_demo.safetensors"  # bundled, listed in place by the pack
+UPSCALER = "RealESRGAN_x2plus.pth"  # not bundled: the user puts it in models/upscale_models (docs/background.md)
 _REFS = {  # three reference photos of one person, batched
     1: ("LoadImage", ["dmdnet_obama_ref1.jpg", "image"], {}),
     2: ("LoadImage", ["dmdnet_obama_ref2.jpg", "image"], {}),
@@ -104,6 +107,17 @@ WORKFLOWS: dict[str, dict[int, tuple[str, list, dict[str, tuple[int, int]]]]] = 
         ),
         11: ("CreateVideo", [25.0], {"images": (10, 0), "audio": (9, 1), "fps": (9, 2)}),
         12: ("SaveVideo", ["video/dmdnet_restored", "auto", "auto"], {"video": (11, 0)}),
+    },
+    # The whole photo, as GFPGAN's --bg_upsampler: ComfyUI's own upscale-model nodes enlarge it, then the
+    # faces are restored on the enlarged photo and pasted at that size. The other order would paste each
+    # restored face at the small size and let the upscale model redraw it, losing the restored detail.
+    "dmdnet_restore_whole_photo": {
+        1: ("LoadImage", ["dmdnet_family.jpg", "image"], {}),
+        2: ("UpscaleModelLoader", [UPSCALER], {}),
+        3: ("ImageUpscaleWithModel", [], {"upscale_model": (2, 0), "image": (1, 0)}),
+        4: ("DMDNetModelLoader", [MODEL, "auto", "auto"], {}),
+        5: ("DMDNetRestoreFaces", [1.0, 0.52, 4, 0.05, "auto", False, 25.0, True], {"model": (4, 0), "image": (3, 0)}),
+        6: ("SaveImage", ["dmdnet_restored_whole"], {"images": (5, 0)}),
     },
 }
 

@@ -11,6 +11,7 @@ to the size asked for if that differs. The faces are restored and pasted at the 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,14 @@ import cv2
 import numpy as np
 import torch
 
-from .io import full_scale
+from .io import check_pixels, full_scale
 from .text import printable
 
-TILE = 512  # input pixels per tile side: about 1.5 GB of activations for a 4x RRDBNet in fp32
+TILE = 256  # input pixels per tile side: a 4x RRDBNet peaks at about 2.2 GB in fp32 (4.5 GB at 512)
 OVERLAP = 16  # input pixels each tile shares with its neighbour, blended linearly
 CONTEXT = 32  # input pixels around a tile that the model sees and whose output is dropped
+DETAIL = 160  # characters of an exception's text in a message: enough for the first mismatch
+GRID = 16  # what the model sees starts on this grid, as the whole photo does: pixel unshuffle, attention windows
 
 
 class UpsamplerError(ValueError):
@@ -46,7 +49,11 @@ class Upsampler:
 
     def __call__(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """``pixels`` (HxW or HxWx3, any dtype of :class:`~dmdnet_plugin.io.Picture`) upscaled by the
-        model, then resized to ``size`` (width, height); the same dtype and layout."""
+        model, then resized to ``size`` (width, height); the same dtype and layout. The model's own output
+        is held whole (16 bytes a pixel), so it obeys the photos' pixel limit too: a 4x model on a photo
+        restored at 1x would otherwise need 16 times the memory the output size suggests."""
+        h, w = pixels.shape[:2]
+        check_pixels(w * self.scale, h * self.scale, f"the {self.name} output ({self.scale}x)")
         top = full_scale(pixels.dtype)
         rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
         out = self.upscaled(rgb.astype(np.float32) / top)
@@ -63,12 +70,13 @@ class Upsampler:
         pixels around each tile than it keeps, and each tile is feathered into the next."""
         h, w = rgb.shape[:2]
         s, step, c = self.scale, self.tile - self.overlap, self.context
+        grid = math.lcm(GRID, self.model.size_requirements.multiple_of)
         out = np.zeros((h * s, w * s, 3), np.float32)
         weight = np.zeros((h * s, w * s, 1), np.float32)
         for y in range(0, max(h - self.overlap, 1), step):
             for x in range(0, max(w - self.overlap, 1), step):
                 y1, x1 = min(y + self.tile, h), min(x + self.tile, w)
-                cy, cx = max(y - c, 0), max(x - c, 0)
+                cy, cx = max(y - c, 0) // grid * grid, max(x - c, 0) // grid * grid
                 seen = self._model(rgb[cy : min(y1 + c, h), cx : min(x1 + c, w)])
                 tile = seen[(y - cy) * s : (y1 - cy) * s, (x - cx) * s : (x1 - cx) * s]
                 ramp = _ramp(y1 - y, x1 - x, self.overlap, (y > 0, x > 0, y1 < h, x1 < w), s)
@@ -92,9 +100,9 @@ def _ramp(h: int, w: int, overlap: int, inner: tuple[bool, bool, bool, bool], sc
         ramp = np.ones(n * scale, np.float32)
         width = min(overlap * scale, n * scale)
         rise = (np.arange(width, dtype=np.float32) + 0.5) / width
-        if start:
+        if start and width:
             ramp[:width] = np.minimum(ramp[:width], rise)
-        if end:
+        if end and width:
             ramp[-width:] = np.minimum(ramp[-width:], rise[::-1])
         return ramp
 
@@ -103,12 +111,18 @@ def _ramp(h: int, w: int, overlap: int, inner: tuple[bool, bool, bool, bool], sc
 
 
 def load_upsampler(path: str | Path, device: str | torch.device = "cpu") -> Upsampler:
-    """The super-resolution model in ``path`` on ``device``, loaded once per process."""
-    return _cached(str(Path(path).resolve()), str(device))
+    """The super-resolution model in ``path`` on ``device``, loaded once per process while the file is
+    unchanged (a long-lived server or notebook gets new weights saved over the same name)."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise UpsamplerError(f"{printable(path)}: no such file") from None
+    return _cached(str(path), str(device), (stat.st_size, stat.st_mtime_ns, stat.st_ino))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(path: str, device: str) -> Upsampler:
+def _cached(path: str, device: str, stamp: tuple[int, int, int]) -> Upsampler:  # stamp: the cache's key only
     shown = printable(path)
     try:
         from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError, canonicalize_state_dict
@@ -121,8 +135,10 @@ def _cached(path: str, device: str) -> Upsampler:
         model = ModelLoader(device).load_from_state_dict(canonicalize_state_dict(state))
     except UnsupportedModelError:
         raise UpsamplerError(f"{shown}: not a super-resolution model that spandrel knows") from None
-    except Exception as exc:  # a known architecture with tensors that do not fit it
-        raise UpsamplerError(f"{shown}: a broken model file ({type(exc).__name__}: {printable(exc)})") from None
+    except Exception as exc:  # a known architecture with tensors that do not fit it: torch lists every one
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= DETAIL else detail[: DETAIL - 3] + "..."
+        raise UpsamplerError(f"{shown}: a broken model file ({type(exc).__name__}: {printable(detail)})") from None
     if not isinstance(model, ImageModelDescriptor) or model.purpose != "SR" or model.scale < 2:
         kind = getattr(model, "purpose", type(model).__name__)
         raise UpsamplerError(f"{shown}: a {kind} model, not a super-resolution model (scale 2 or more)")
@@ -140,8 +156,6 @@ def _state_dict(path: Path, shown: str) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UpsamplerError(f"{shown}: no such file") from None
     except Exception as exc:
         raise UpsamplerError(f"{shown}: not a readable model file ({type(exc).__name__})") from None
     for key in ("params_ema", "params", "state_dict", "model"):  # Real-ESRGAN, BasicSR, Lightning files

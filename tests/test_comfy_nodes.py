@@ -97,7 +97,7 @@ def test_templates_match_the_nodes_and_the_files(comfy, tmp_path):
     for path in tmp_path.iterdir():
         assert json.loads(path.read_text()) == json.loads((templates / path.name).read_text())
         assert (templates / f"{path.stem}.jpg").is_file(), f"{path.stem} has no thumbnail"
-    assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(bw.WORKFLOWS) and len(bw.WORKFLOWS) == 4
+    assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(bw.WORKFLOWS) and len(bw.WORKFLOWS) == 5
     for graph in bw.WORKFLOWS.values():
         used = {w[0] for cls, w, _ in graph.values() if cls in ("LoadImage", "LoadVideo")}
         assert used <= set(node_module().EXAMPLE_INPUTS)  # runs with the bundled examples only
@@ -532,3 +532,61 @@ def test_the_download_entry_stops_within_a_second_when_processing_is_interrupted
         server.shutdown()
         server.server_close()
     assert not list((models / "dmdnet").glob("*DMDNet.pth*"))  # neither the file nor a partial one
+
+
+class _NodeOutput(tuple):
+    @property
+    def args(self) -> tuple:
+        return tuple(self)
+
+
+class UpscaleModelLoader:
+    """ComfyUI's own node (comfy_extras/nodes_upscale_model.py), as far as the template uses it: the file in
+    models/upscale_models read without unpickling, and handed to spandrel."""
+
+    @classmethod
+    def execute(cls, model_name: str) -> _NodeOutput:
+        from spandrel import ImageModelDescriptor, ModelLoader
+
+        state = torch.load(Path(os.environ["COMFY_STUB_MODELS"]) / "upscale_models" / model_name, weights_only=True)
+        model = ModelLoader().load_from_state_dict(state["params_ema"] if "params_ema" in state else state)
+        assert isinstance(model, ImageModelDescriptor)
+        return _NodeOutput([model.eval()])
+
+
+class ImageUpscaleWithModel:
+    """ComfyUI's own node, untiled: the batch through the model, clamped to [0, 1]."""
+
+    @classmethod
+    def execute(cls, upscale_model, image: torch.Tensor) -> _NodeOutput:
+        with torch.inference_mode():
+            return _NodeOutput([upscale_model(image.movedim(-1, 1)).movedim(1, -1).clamp(0, 1)])
+
+
+def test_the_whole_photo_template_upscales_with_comfyuis_nodes_then_restores(comfy, tmp_path, monkeypatch):
+    """dmdnet_restore_whole_photo: ComfyUI's upscale-model nodes (stand-ins that load the file with spandrel, as
+    ComfyUI does) make the photo twice the size, and the faces are restored on that and pasted at that size:
+    every pixel the faces do not reach is the upscale model's."""
+    pytest.importorskip("spandrel")
+    from test_background import SMALL, rrdbnet, save_pth
+
+    pack, models = comfy
+    (models / "upscale_models").mkdir(exist_ok=True)
+    save_pth(rrdbnet(2, **SMALL), models / "upscale_models" / build_workflows().UPSCALER)
+    comfy_nodes = {"UpscaleModelLoader": UpscaleModelLoader, "ImageUpscaleWithModel": ImageUpscaleWithModel}
+    pack_nodes = node_classes
+    monkeypatch.setitem(globals(), "node_classes", lambda pack: {**pack_nodes(pack), **comfy_nodes})
+    outputs = tmp_path / "output"
+    outputs.mkdir()
+    results = run_prompt(pack, workflow("dmdnet_restore_whole_photo"), Path(os.environ["COMFY_STUB_INPUT"]), outputs)
+    photo, upscaled, (image, faces) = results["1"][0], results["3"][0], results["5"]
+    assert upscaled.shape == image.shape == (1, 1280, 874, 3) and photo.shape == (1, 640, 437, 3)
+    assert (outputs / "dmdnet_restored_whole_00000_.png").exists()
+    found, _, masks = call(node_classes(pack), "DMDNetDetectFaces", upscaled, "auto", 24, 0, False)
+    assert len(found.faces) == faces.shape[0] >= 1  # faces found on the upscaled photo, as the restore finds them
+    reach = masks[0]
+    assert torch.equal(image[0][reach == 0], upscaled[0][reach == 0]) and (reach == 0).float().mean() > 0.5
+    lanczos = cv2.resize(photo[0].numpy(), (874, 1280), interpolation=cv2.INTER_LANCZOS4)
+    assert np.abs(upscaled[0].numpy() - lanczos)[reach.numpy() == 0].mean() > 5 / 255  # the model's, not a resize
+    changed = (image[0] - upscaled[0]).abs().amax(-1)[reach == 1]
+    assert changed.mean() > 4 / 255  # the faces were restored, at the upscaled size

@@ -270,3 +270,77 @@ def test_browser_uploads_and_restores(server, tmp_path):
     if os.environ.get("DMDNET_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["DMDNET_SCREENSHOTS"]) / "gradio_restore.png")
     assert shot.stat().st_size > 10000
+
+
+@pytest.fixture(scope="module")
+def background_folder(tmp_path_factory) -> Path:
+    """A folder of one background model (a small x2 Real-ESRGAN network) and a file that is not a model."""
+    from test_background import SMALL, rrdbnet, save_pth
+
+    folder = tmp_path_factory.mktemp("upscale_models")
+    save_pth(rrdbnet(2, **SMALL), folder / "x2.pth")
+    (folder / "notes.txt").write_text("not offered: not a model file")
+    return folder
+
+
+def test_the_background_choice_upscales_the_rest_of_the_photo_with_the_model(weights, background_folder, tmp_path):
+    """``--bg-upsampler FOLDER``: its models are the Background choices; one chosen sets the Upscale slider to
+    its scale and gives the photo the model's pixels away from the face (Lanczos: a plain resize)."""
+    from test_background import face_reach
+
+    from dmdnet_plugin.background import load_upsampler
+    from dmdnet_plugin.io import read_image
+
+    app = gradio_app.Demo(
+        str(weights), "cpu", precision="fp32", upsamplers=gradio_app.background_models([background_folder])
+    )
+    assert app.backgrounds() == ["Lanczos", "x2.pth"]
+    assert app.upscale_for("x2.pth") == 2.0 and app.upscale_for("Lanczos") == gr.skip()
+    photo = cv2.cvtColor(cv2.imread(str(PHOTO)), cv2.COLOR_BGR2RGB)
+    h, w = photo.shape[:2]
+    results = {b: call(app, PHOTO, mode="generic", upscale=2.0, background=b) for b in app.backgrounds()}
+    (_, after), *_, result_file, _, message = results["x2.pth"]
+    assert after.shape == (2 * h, 2 * w, 3) and "background: x2.pth (2x)" in message and "resized" not in message
+    lanczos = results["Lanczos"][0][1]
+    model = load_upsampler(background_folder / "x2.pth")(photo, (2 * w, 2 * h))
+    away = face_reach(photo, 2) == 0
+    assert np.array_equal(after[away], model[away]) and np.abs(after[away].astype(int) - lanczos[away]).mean() > 5
+    assert read_image(result_file).pixels.shape == after.shape  # the download: a JPEG, as the upload
+    assert "then resized to 3x" in call(app, PHOTO, mode="generic", upscale=3.0, background="x2.pth")[-1]
+    with pytest.raises(gr.Error) as err:
+        call(app, PHOTO, background="x9.pth")
+    assert err.value.message == "no background 'x9.pth': one of Lanczos, x2.pth"
+
+
+def test_bad_background_models_stop_the_server_at_its_start_in_one_line(background_folder, tmp_path):
+    import subprocess
+
+    empty, broken = tmp_path / "empty", tmp_path / "broken.pth"
+    empty.mkdir()
+    broken.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>\n")
+    (tmp_path / "again").mkdir()
+    shutil.copy(background_folder / "x2.pth", tmp_path / "again" / "x2.pth")
+    for given, expected in (
+        ([broken], f"{broken}: not a readable model file (UnpicklingError)"),
+        ([empty], f"{empty}: no .pth or .safetensors files in this folder"),
+        ([background_folder, tmp_path / "again"], "two background models named x2.pth: rename one"),
+    ):
+        with pytest.raises(gradio_app.UpsamplerError, match=f"^{re.escape(expected)}$"):
+            gradio_app.background_models(given)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "gradio_app.py"), "--bg-upsampler", str(broken)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: {broken}: not a readable model file (UnpicklingError)\n"
+
+
+def test_launched_app_offers_its_background_models_to_gradio_client(weights, background_folder, tmp_path):
+    from gradio_client import Client, handle_file
+
+    extra = ("--bg-upsampler", str(background_folder), "--precision", "fp32")
+    with serve(weights, tmp_path / "server.log", extra=extra) as (url, _):
+        client = Client(url, verbose=False)
+        args = ("generic", 2, 1.0, False, 0.52, 0.05, True, MIN_FACE, "x2.pth")
+        *_, result_file, _, message = client.predict(handle_file(str(PHOTO)), [], None, *args, api_name="/restore")
+    h, w = cv2.imread(str(PHOTO)).shape[:2]
+    assert cv2.imread(result_file).shape == (2 * h, 2 * w, 3) and "background: x2.pth (2x)" in message
