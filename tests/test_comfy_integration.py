@@ -157,6 +157,7 @@ def test_templates_are_served_and_run_with_the_bundled_model_and_images(server):
         "dmdnet_restore_chosen_people",
         "dmdnet_restore_faces",
         "dmdnet_restore_video",
+        "dmdnet_restore_whole_photo",  # listed and served; it runs with an upscale model of the user's
     ]
     for name in listed:
         with urllib.request.urlopen(f"{url}/api/workflow_templates/dmdnet-plugin/{name}.jpg", timeout=30) as r:
@@ -214,6 +215,7 @@ def test_front_end_lists_the_templates_and_renders_the_v3_nodes(server):
 
     errors: list[str] = []
     names = ["dmdnet_restore_faces", "dmdnet_build_identity", "dmdnet_restore_chosen_people", "dmdnet_restore_video"]
+    names.append("dmdnet_restore_whole_photo")
     loaded = {}
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
