@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)            # torch first: everything else builds against it
-	$(PY) -m pip install -q -e ".[test,basicsr,gradio,mcp,ray,retinaface,upscale]"
+	$(PY) -m pip install -q -e ".[test,basicsr,gradio,mcp,ray,retinaface,upscale,onnx]"
 	$(PY) -m pip install -q --no-deps --no-build-isolation basicsr-fixed==1.4.2 facexlib==0.3.0
 	touch $(STAMP)
 

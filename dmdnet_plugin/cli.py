@@ -289,6 +289,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    """The model, and an identity folded in, as an ONNX face enhancer (docs/onnx.md)."""
+    try:
+        from .onnx_export import export_onnx
+    except ImportError as exc:
+        raise CliError(f'export-onnx needs the onnx extra: pip install "dmdnet-plugin[onnx]" ({exc})') from None
+    from .weights import load_model
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise CliError(f"{printable(out)}: is a folder; give the .onnx file to write")
+    identity = IdentityDictionary.load(args.identity) if args.identity else None
+    loaded = load_model(args.weights, device="cpu", precision="fp32")
+    tqdm.write(loaded.notice(), file=sys.stderr)
+    try:
+        export_onnx(loaded.net, out, identity, boxes_input=args.boxes_input)
+    except OSError as exc:
+        raise CliError(f"{printable(out)}: cannot write it ({exc.strerror or exc})") from None
+    what = f"identity {identity.name or '(unnamed)'}" if identity else "generic"
+    boxes = "boxes input" if args.boxes_input else "template boxes"
+    print(f"wrote {printable(out)} ({what}, {boxes}, {out.stat().st_size / 1e6:.0f} MB)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmdnet", description="DMDNet blind face restoration with identity dictionaries"
@@ -433,6 +457,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export-onnx", help="write the model as an ONNX face enhancer (onnxruntime, face-swap tools)")
+    p.add_argument("output", help="OUT.onnx")
+    p.add_argument("--weights", help="checkpoint (.pth or .safetensors); default: see docs/weights.md")
+    p.add_argument(
+        "--identity", metavar="FILE", help="fold this identity dictionary in: the file restores with the person's atoms"
+    )
+    p.add_argument(
+        "--boxes-input",
+        action="store_true",
+        help="a second input 'boxes' (N, 4, 4) takes landmark boxes (default: the FFHQ template's, one input)",
+    )
+    p.set_defaults(func=cmd_export_onnx)
     return parser
 
 
