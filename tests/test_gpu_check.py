@@ -91,8 +91,12 @@ def test_the_rehearsal_writes_every_table_and_log(dry_run):
     assert [(r["photos"], r["faces"]) for r in tables["photos"]] == [(2, 2), (2, 2)]
 
     skipped = [(r["stage"], r["reason"]) for r in tables["skipped"]]
-    assert [stage for stage, _ in skipped] == ["correctness", "correctness", "variants", "onnx"]
-    assert all("CUDA" in reason for _, reason in skipped[1:3]) and "ONNX" in skipped[3][1]
+    assert [stage for stage, _ in skipped] == ["correctness", "correctness", "variants"]
+    assert all("CUDA" in reason for _, reason in skipped[1:3])
+    # the exported file in onnxruntime's CPU provider, against torch's fp32 on the same real faces
+    (onnx_row,) = tables["onnx"]
+    assert onnx_row["provider"] == "CPUExecutionProvider" and onnx_row["faces"] == 2 and onnx_row["ok"]
+    assert 0 < onnx_row["max abs vs torch fp32"] <= 1e-3 and onnx_row["faces/s"] > 0
     log = (out / "log.txt").read_text()
     assert all(f"{stage}: skipped: {reason}" in log for stage, reason in skipped)
 
@@ -132,14 +136,14 @@ def test_stop_without_a_training_says_so(tmp_path):
 
 def test_a_stage_past_its_deadline_leaves_its_rows_and_the_next_stage_runs(tmp_path, monkeypatch):
     """speed counts the FLOPs, then finds its deadline gone: its flops rows stay, its status says so, and
-    onnx still runs. The watchdog is pushed out of the way: it would end this process."""
+    the next stage still runs. The watchdog is pushed out of the way: it would end this process."""
     monkeypatch.setattr(gpu_check, "GRACE_S", 3600.0)
     plan = gpu_check.dataclasses.replace(gpu_check.DRY, budget=1.0, train_share=0.0)
-    assert gpu_check.run_check(tmp_path, plan, ["speed", "onnx"], gpu_check.TRAIN_OPT) == 0
+    assert gpu_check.run_check(tmp_path, plan, ["speed", "environment"], gpu_check.TRAIN_OPT) == 0
     tables = rows(tmp_path)
     assert [(r["stage"], r["status"]) for r in tables["stages"]] == [
         ("speed", "cut at its deadline"),
-        ("onnx", "done"),
+        ("environment", "done"),
     ]
     assert len(tables["flops"]) == 2 and "speed" not in tables
 
