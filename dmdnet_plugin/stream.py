@@ -174,6 +174,8 @@ class PhotoStream:
         share = CoreShare(busy) if self.restorer.loaded.device.type == "cpu" else None
         try:
             for window in chunks(prepared(), self.window):
+                if share:  # the last window's photos are being written now: their threads want cores
+                    share()
                 for item in self._restore_window(window, share):
                     writing.append(writer.submit(self._completed, item, done))
                 while len(writing) > self.window:  # bounded: finish the oldest while the model moves on
@@ -190,9 +192,10 @@ class CoreShare:
 
     torch's threads meet at the end of every operation, so one of them sharing a core with dlib
     holds the model to that core's pace while the others wait on both cores: two threads with the
-    reader busy restored fewer photos per second than one (docs/speed.md). Called before each
-    batch (as the model's progress callback), it sets torch's threads to the machine's share left
-    by the busy stages, at least one; ``restore`` puts back the count it found. torch's thread
+    reader busy restored fewer photos per second than one (docs/speed.md). Called as each window
+    starts (the last window's photos are then being written) and after each batch (as the model's
+    progress callback), it sets torch's threads to the machine's share left by the busy stages, at
+    least one; ``restore`` puts back the count it found. torch's thread
     count is the process's, so two streams should not run at once in one process.
     """
 
