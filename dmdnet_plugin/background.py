@@ -10,8 +10,13 @@ to the size asked for if that differs. The faces are restored and pasted at the 
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import io
 import math
+import stat
+import threading
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ TILE = 256  # input pixels per tile side: a 4x RRDBNet peaks at about 2.2 GB in 
 OVERLAP = 16  # input pixels each tile shares with its neighbour, blended linearly
 CONTEXT = 32  # input pixels around a tile that the model sees and whose output is dropped
 DETAIL = 160  # characters of an exception's text in a message: enough for the first mismatch
+MAX_BYTES = 2 << 30  # checked before reading: far above any single-image model (HAT-L is about 160 MB)
 GRID = 16  # what the model sees starts on this grid, as the whole photo does: pixel unshuffle, attention windows
 
 
@@ -39,6 +45,7 @@ class Upsampler:
 
     model: object
     name: str
+    sha256: str = ""  # of the bytes it was loaded from
     tile: int = TILE
     overlap: int = OVERLAP
     context: int = CONTEXT
@@ -110,27 +117,74 @@ def _ramp(h: int, w: int, overlap: int, inner: tuple[bool, bool, bool, bool], sc
     return (edge(h, top, bottom)[:, None] * edge(w, left, right)[None, :])[..., None]
 
 
-def load_upsampler(path: str | Path, device: str | torch.device = "cpu") -> Upsampler:
-    """The super-resolution model in ``path`` on ``device``, loaded once per process while the file is
-    unchanged (a long-lived server or notebook gets new weights saved over the same name)."""
-    path = Path(path).resolve()
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise UpsamplerError(f"{printable(path)}: no such file") from None
-    return _cached(str(path), str(device), (stat.st_size, stat.st_mtime_ns, stat.st_ino))
-
-
-@functools.lru_cache(maxsize=4)
-def _cached(path: str, device: str, stamp: tuple[int, int, int]) -> Upsampler:  # stamp: the cache's key only
+def load_upsampler(path: str | Path, device: str | torch.device = "cpu", sha256: str | None = None) -> Upsampler:
+    """The super-resolution model in ``path`` on ``device``: the file read once, its sha256 taken from the
+    same bytes that are loaded, and the model kept per content (a server or notebook that saves new
+    weights over the same name gets them). ``sha256``: the content a run recorded; a file that no
+    longer has it is refused (:meth:`RunSettings.background` never reads it while it is loaded)."""
     shown = printable(path)
+    data = _read(Path(path), shown)
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise UpsamplerError(f"{shown}: changed since the run started (it was sha256 {sha256[:12]}...)")
+    found = _cache(digest, str(device))
+    if found is None:
+        found = _cache(digest, str(device), _load(data, shown, Path(path).name, device, digest))
+    return found
+
+
+def loaded_upsampler(sha256: str, device: str | torch.device) -> Upsampler | None:
+    """The model of this content on ``device``, when this process has it loaded."""
+    return _cache(sha256, str(device))
+
+
+_LOADED: OrderedDict[tuple[str, str], Upsampler] = OrderedDict()
+_LOADED_LOCK = threading.Lock()  # a run's writer threads ask for it at once
+
+
+def _cache(sha256: str, device: str, new: Upsampler | None = None) -> Upsampler | None:
+    """The upsampler kept for (content, device), after storing ``new`` there; the 4 last used are kept."""
+    with _LOADED_LOCK:
+        key = (sha256, device)
+        if new is not None:
+            _LOADED[key] = new
+        found = _LOADED.get(key)
+        if found is not None:
+            _LOADED.move_to_end(key)
+        while len(_LOADED) > 4:
+            _LOADED.popitem(last=False)
+        return found
+
+
+def _read(path: Path, shown: str) -> bytes:
+    """The file's bytes, after checking from its metadata that it is a regular file of a model's size
+    (a FIFO would block the read; a folder, a device or a huge file get one line)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise UpsamplerError(f"{shown}: no such file") from None
+    except OSError as exc:
+        raise UpsamplerError(f"{shown}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UpsamplerError(f"{shown}: is a folder, not a model file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UpsamplerError(f"{shown}: not a regular file")
+    if info.st_size > MAX_BYTES:
+        raise UpsamplerError(f"{shown}: {info.st_size / 2**30:.1f} GiB, larger than any super-resolution model")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UpsamplerError(f"{shown}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
+def _load(data: bytes, shown: str, name: str, device: str | torch.device, sha256: str) -> Upsampler:
     try:
         from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError, canonicalize_state_dict
     except ImportError:
         raise UpsamplerError(
             f'{shown}: a background upsampler needs spandrel: pip install "dmdnet-plugin[upscale]"'
         ) from None
-    state = _state_dict(Path(path), shown)
+    state = _state_dict(data, shown, name)
     try:
         model = ModelLoader(device).load_from_state_dict(canonicalize_state_dict(state))
     except UnsupportedModelError:
@@ -142,22 +196,28 @@ def _cached(path: str, device: str, stamp: tuple[int, int, int]) -> Upsampler:  
     if not isinstance(model, ImageModelDescriptor) or model.purpose != "SR" or model.scale < 2:
         kind = getattr(model, "purpose", type(model).__name__)
         raise UpsamplerError(f"{shown}: a {kind} model, not a super-resolution model (scale 2 or more)")
-    if device.startswith("cuda") and model.supports_half:
+    if (model.input_channels, model.output_channels) != (3, 3):
+        channels = f"{model.input_channels} channels in, {model.output_channels} out"
+        raise UpsamplerError(f"{shown}: a model for {channels}; the background needs one for RGB (3 and 3)")
+    if str(device).startswith("cuda") and model.supports_half:
         model = model.half()
-    return Upsampler(model.eval(), Path(path).name)
+    return Upsampler(model.eval(), name, sha256=sha256)
 
 
-def _state_dict(path: Path, shown: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.pth`` (never unpickling code) or ``.safetensors`` file."""
+def _state_dict(data: bytes, shown: str, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` (never unpickling code) or ``.safetensors`` file's bytes."""
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+        if name.lower().endswith(".safetensors"):
+            from safetensors.torch import load
 
-            state = load_file(str(path))
+            state = load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about old pickle protocols: the line below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UpsamplerError(f"{shown}: not a readable model file ({type(exc).__name__})") from None
+        kind = "safetensors file" if name.lower().endswith(".safetensors") else "PyTorch checkpoint of plain tensors"
+        raise UpsamplerError(f"{shown}: not a readable model file (not a {kind}: {type(exc).__name__})") from None
     for key in ("params_ema", "params", "state_dict", "model"):  # Real-ESRGAN, BasicSR, Lightning files
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -298,7 +300,13 @@ def cmd_export_onnx(args) -> int:
     from .weights import load_model
 
     out = Path(args.output)
-    if out.is_dir():
+    if out.suffix.lower() != ".onnx":  # a slip (the identity file given as OUT) must not replace it
+        raise CliError(f"{printable(out)}: give the name of the .onnx file to write (it must end in .onnx)")
+    try:
+        is_dir = out.is_dir()
+    except OSError as exc:
+        raise CliError(f"{printable(out)}: cannot write it ({exc.strerror or exc})") from None
+    if is_dir:
         raise CliError(f"{printable(out)}: is a folder; give the .onnx file to write")
     identity = IdentityDictionary.load(args.identity) if args.identity else None
     loaded = load_model(args.weights, device="cpu", precision="fp32")
@@ -473,8 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (``timeout``, docker stop, CI) ends a command as Ctrl-C does: temporary files removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return args.func(args)
     except COMMAND_ERRORS as exc:
@@ -483,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    finally:
+        if main_thread:  # main() called from Python (tests, notebooks) leaves the process as it was
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .background import Upsampler, load_upsampler
+from .background import Upsampler, UpsamplerError, load_upsampler, loaded_upsampler
 from .face_helper import MIN_FACE, FaceHelper
 from .faces import FaceModelsError, resolved_detector, retinaface_dir
 from .factory import load_face_helper, load_restorer
@@ -24,8 +24,11 @@ from .identity import IdentityDictionary
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import Mode, Restorer, checked_mode
 from .runtime import pick_device, pick_precision, precision_name
+from .text import printable
 from .version import VERSION
 from .weights import WeightsSource, find_weights, sha256_of
+
+MAX_UPSCALE = 16  # times the photo's size; the pixel limit holds beyond it anyway
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,6 @@ class FileRef:
 
     path: str
     sha256: str
-
-    @classmethod
-    def of(cls, path: str | Path) -> FileRef:
-        return cls(str(Path(path).resolve()), sha256_of(Path(path)))
 
     def record(self) -> dict:
         return {"path": self.path, "sha256": self.sha256}
@@ -128,6 +127,11 @@ class RunSettings:
         background = None if bg_upsampler is None else load_upsampler(bg_upsampler)
         if options.get("upscale") is None:
             options["upscale"] = 1.0 if background is None else float(background.scale)
+            if options["upscale"] > MAX_UPSCALE:
+                raise UpsamplerError(
+                    f"{printable(bg_upsampler)}: a {background.scale}x model; give an upscale of at most "
+                    f"{MAX_UPSCALE:g} to resize its output (--upscale)"
+                )
         refs = tuple(IdentityRef.of(i) for i in identities)
         mode = checked_mode(mode, [r.dictionary for r in refs])
         resolved = resolved_detector(detector, face_models)
@@ -143,7 +147,7 @@ class RunSettings:
             refs,
             detector=resolved,
             face_models=str(folder) if resolved == "retinaface" else None,
-            bg_upsampler=None if bg_upsampler is None else FileRef.of(bg_upsampler),
+            bg_upsampler=None if background is None else FileRef(str(Path(bg_upsampler).resolve()), background.sha256),
             **options,
         )
         settings.check()
@@ -163,8 +167,9 @@ class RunSettings:
         for name, value in {**numbers, "threshold": self.threshold, "margin": self.margin}.items():
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
+        upscale = f"upscale must be between 0.1 and {MAX_UPSCALE}, got {self.upscale}"
         problems = [
-            (not 0.1 <= self.upscale <= 16, f"upscale must be between 0.1 and 16, got {self.upscale}"),
+            (not 0.1 <= self.upscale <= MAX_UPSCALE, upscale),
             (not 0 <= self.strength <= 1, f"strength must be between 0 and 1, got {self.strength}"),
             (self.batch_size < 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.min_face < 1, f"min face must be at least 1 px, got {self.min_face}"),
@@ -206,8 +211,13 @@ class RunSettings:
         )
 
     def background(self) -> Upsampler | None:
-        """The background upsampler, on the run's device (loaded once per process)."""
-        return None if self.bg_upsampler is None else load_upsampler(self.bg_upsampler.path, self.device)
+        """The background upsampler, on the run's device: the content recorded here, which every photo of
+        the run gets (a file replaced during the run is not read while this process holds the model;
+        another process finds it changed and refuses it)."""
+        if self.bg_upsampler is None:
+            return None
+        ref = self.bg_upsampler
+        return loaded_upsampler(ref.sha256, self.device) or load_upsampler(ref.path, self.device, ref.sha256)
 
     def face_helper(self, device: str = "cpu") -> FaceHelper:
         """The face helper alone, for a stage that only finds faces (a cluster's detect actors)."""

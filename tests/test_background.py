@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,7 @@ from conftest import DATA
 
 pytest.importorskip("spandrel", reason='pip install "dmdnet-plugin[upscale]"')
 from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
+from basicsr.archs.srvgg_arch import SRVGGNetCompact  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from dmdnet_plugin.align import face_mask  # noqa: E402
@@ -25,6 +27,7 @@ from dmdnet_plugin.face_helper import FaceHelper  # noqa: E402
 from dmdnet_plugin.faces import DlibBackend  # noqa: E402
 from dmdnet_plugin.factory import load_restorer  # noqa: E402
 from dmdnet_plugin.io import ImageError, read_image  # noqa: E402
+from dmdnet_plugin.settings import RunSettings  # noqa: E402
 from dmdnet_plugin.text import printable  # noqa: E402
 from dmdnet_plugin.weights import sha256_of  # noqa: E402
 
@@ -119,18 +122,26 @@ def bad_files(folder: Path, x2: Path, dmdnet: Path) -> dict[str, str]:
     torch.save({"params_ema": Payload()}, folder / "payload.pth")
     (folder / "bad\nerror: fake.pth").write_bytes(b"\x1b[2J")
     (folder / "folder.pth").mkdir()
+    os.mkfifo(folder / "fifo.pth")  # reading it would wait for a writer forever
+    (folder / "loop.pth").symlink_to("loop.pth")
+    save_pth(SRVGGNetCompact(1, 1, num_feat=8, num_conv=1, upscale=2), folder / "gray.pth")  # 1 channel in
+    pth = "not a readable model file (not a PyTorch checkpoint of plain tensors"
     return {
-        "truncated.pth": "not a readable model file",
-        "empty.pth": "not a readable model file (EOFError)",
-        "empty.safetensors": "not a readable model file",
-        "page.pth": "not a readable model file (UnpicklingError)",
-        "page.safetensors": "not a readable model file",
+        "truncated.pth": pth,
+        "empty.pth": f"{pth}: EOFError)",
+        "empty.safetensors": "not a readable model file (not a safetensors file",
+        "page.pth": f"{pth}: UnpicklingError)",
+        "page.safetensors": "not a readable model file (not a safetensors file",
         "dmdnet.safetensors": "not a super-resolution model that spandrel knows",
         "x1.pth": "a Restoration model, not a super-resolution model (scale 2 or more)",
         "misshapen.pth": "a broken model file (RuntimeError: Error(s) in loading state_dict for RRDBNet: size mismatch",
-        "payload.pth": "not a readable model file (UnpicklingError)",
-        "bad\nerror: fake.pth": "not a readable model file",
-        "folder.pth": "not a readable model file",
+        "payload.pth": f"{pth}: UnpicklingError)",
+        "bad\nerror: fake.pth": pth,
+        "folder.pth": "is a folder, not a model file",
+        "fifo.pth": "not a regular file",
+        "loop.pth": "cannot read it (Too many levels of symbolic links)",
+        "gray.pth": "a model for 1 channels in, 1 out; the background needs one for RGB (3 and 3)",
+        "b" * 256 + ".pth": "cannot read it (File name too long)",
         "missing.pth": "no such file",
     }
 
@@ -278,6 +289,29 @@ def test_the_python_call_gives_the_cli_pixels(tmp_path, x2, small_weights):
     restorer = load_restorer(small_weights, "cpu", "fp32")
     result = restorer.run([read_image(photo)], upscale=2, background=load_upsampler(x2))[0]
     np.testing.assert_array_equal(result.pixels, read_image(tmp_path / "out" / "obama.png").pixels)
+
+
+def test_a_run_keeps_the_model_it_recorded_when_the_file_is_replaced(tmp_path, x2, x4, small_weights):
+    """Every photo of a run is upscaled by the content its settings recorded (sha256): a file replaced during
+    the run is not read again in this process, and another process (a Ray worker) refuses it."""
+    path = tmp_path / "model.pth"
+    path.write_bytes(x2.read_bytes())
+    settings = RunSettings.create(small_weights, "cpu", "fp32", bg_upsampler=path)
+    first = settings.background()
+    assert first.sha256 == settings.bg_upsampler.sha256 == sha256_of(x2) and first.scale == settings.upscale == 2
+    path.write_bytes(x4.read_bytes())
+    assert settings.background() is first
+    with pytest.raises(UpsamplerError, match=f"^{re.escape(str(path))}: changed since the run started"):
+        load_upsampler(path, "cpu", settings.bg_upsampler.sha256)
+
+
+def test_a_model_beyond_the_largest_upscale_asks_for_one(tmp_path, small_weights, capsys):
+    path = save_pth(SRVGGNetCompact(3, 3, num_feat=8, num_conv=1, upscale=32), tmp_path / "x32.pth")
+    assert load_upsampler(path).scale == 32
+    out = tmp_path / "out"
+    assert run("restore", OBAMA, "-o", out, "--weights", small_weights, "--bg-upsampler", path) == 2
+    expected = f"error: {path}: a 32x model; give an upscale of at most 16 to resize its output (--upscale)\n"
+    assert capsys.readouterr().err == expected and not out.exists()
 
 
 def test_the_upsampler_is_loaded_again_when_its_file_changes(tmp_path, x2):

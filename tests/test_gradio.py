@@ -321,7 +321,7 @@ def test_bad_background_models_stop_the_server_at_its_start_in_one_line(backgrou
     (tmp_path / "again").mkdir()
     shutil.copy(background_folder / "x2.pth", tmp_path / "again" / "x2.pth")
     for given, expected in (
-        ([broken], f"{broken}: not a readable model file (UnpicklingError)"),
+        ([broken], f"{broken}: not a readable model file (not a PyTorch checkpoint of plain tensors: UnpicklingError)"),
         ([empty], f"{empty}: no .pth or .safetensors files in this folder"),
         ([background_folder, tmp_path / "again"], "two background models named x2.pth: rename one"),
     ):
@@ -331,7 +331,8 @@ def test_bad_background_models_stop_the_server_at_its_start_in_one_line(backgrou
         [sys.executable, str(ROOT / "gradio_app.py"), "--bg-upsampler", str(broken)], capture_output=True, text=True
     )
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == f"error: {broken}: not a readable model file (UnpicklingError)\n"
+    unreadable = "not a readable model file (not a PyTorch checkpoint of plain tensors: UnpicklingError)"
+    assert done.stderr == f"error: {broken}: {unreadable}\n"
 
 
 def test_launched_app_offers_its_background_models_to_gradio_client(weights, background_folder, tmp_path):

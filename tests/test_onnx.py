@@ -4,8 +4,10 @@ input); identity folding and the boxes input on the small configuration, in one 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,7 +103,30 @@ def test_bad_requests_get_one_line_and_write_nothing(small_weights, tmp_path, ca
     (tmp_path / "file").write_text("not a folder")
     assert main(["export-onnx", str(tmp_path / "file" / "x.onnx"), "--weights", str(small_weights)]) == 2
     assert "x.onnx: cannot write it" in one_error_line(capsys)
+    long = tmp_path / ("a" * 300 + ".onnx")
+    assert main(["export-onnx", str(long), "--weights", str(small_weights)]) == 2
+    assert one_error_line(capsys).endswith("cannot write it (File name too long)")
+
+    before = ident_file.read_bytes()  # the identity given as OUT by a slip (no --identity): never replaced
+    assert main(["export-onnx", str(ident_file), "--weights", str(small_weights)]) == 2
+    assert "it must end in .onnx" in one_error_line(capsys) and ident_file.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.onnx", "stranger.safetensors"]
+
+
+def test_a_terminated_export_leaves_nothing_behind(small_weights, tmp_path):
+    """SIGTERM (``timeout``, docker stop) ends an export as Ctrl-C does: no temporary file is left."""
+    out = tmp_path / "out" / "generic.onnx"
+    code = "import sys\nfrom dmdnet_plugin.cli import main\nsys.exit(main(sys.argv[1:]))"
+    args = [sys.executable, "-c", code, "export-onnx", str(out), "--weights", str(small_weights)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.parent.is_dir() and any(out.parent.iterdir())):  # the temporary file: the export has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.endswith("error: interrupted\n"), err
+    assert list(out.parent.iterdir()) == []
 
 
 def test_without_the_extra_one_line_says_what_to_install(tmp_path):
