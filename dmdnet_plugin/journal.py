@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .atomic import TOKEN, leftovers
+from .atomic import TOKEN, atomic_path, leftovers
 from .report import Entry, Status
 from .runtime import cache_dir
 from .text import printable
@@ -151,12 +151,8 @@ class Journal:
             lines = [json.dumps({"run": TOKEN, "settings": self.key})]
             lines += [json.dumps({"owned": name}) for name in sorted(self.owned)]
             lines += self.others + [r.to_json(self.key) for r in self.records.values()]
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            try:
+            with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in lines))
-                tmp.replace(self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
             self._file = open(self.path, "a")
         except OSError as exc:
             self._release()

@@ -30,6 +30,13 @@ class Status(str, Enum):
     UNCHANGED = "unchanged"  # written, its faces all left as they were (only-matched: none matched)
     ERROR = "error"  # not written; ``error`` says why
 
+    @classmethod
+    def written(cls, restored: bool, seen: bool) -> Status:
+        """The status of a written output (photo or video): some face restored, faces seen, or none."""
+        if restored:
+            return cls.OK
+        return cls.UNCHANGED if seen else cls.NO_FACE
+
 
 @dataclass(frozen=True)
 class VideoRecord:
@@ -89,10 +96,7 @@ class Entry:
     @classmethod
     def written(cls, src: str | Path, dst: str | Path, result: ImageResult) -> Entry:
         """A photo whose output was written."""
-        if any(f.restored is not None for f in result.faces):
-            status = Status.OK
-        else:
-            status = Status.UNCHANGED if result.faces else Status.NO_FACE
+        status = Status.written(any(f.restored is not None for f in result.faces), bool(result.faces))
         return cls(str(src), str(dst), status, None, tuple(f.record() for f in result.faces), tuple(result.skipped))
 
     def renamed(self, src: str, dst: str | None) -> Entry:

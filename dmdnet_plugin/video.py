@@ -253,8 +253,5 @@ def restore_video_job(
         )
     except Exception as exc:
         return Entry.failed(job.src, exc)
-    if record.faces_restored:
-        status = Status.OK
-    else:
-        status = Status.UNCHANGED if record.faces_seen else Status.NO_FACE
+    status = Status.written(record.faces_restored > 0, record.faces_seen > 0)
     return Entry(job.src, job.dst, status, video=record)
