@@ -136,9 +136,10 @@ def test_stop_without_a_training_says_so(tmp_path):
 
 def test_a_stage_past_its_deadline_leaves_its_rows_and_the_next_stage_runs(tmp_path, monkeypatch):
     """speed counts the FLOPs, then finds its deadline gone: its flops rows stay, its status says so, and
-    the next stage still runs. The watchdog is pushed out of the way: it would end this process."""
+    the next stage still runs. A budget of 0 s puts the deadline before the first timed row on any machine
+    (a 1 s budget let a fast CPU time one). The watchdog is pushed out of the way: it would end this process."""
     monkeypatch.setattr(gpu_check, "GRACE_S", 3600.0)
-    plan = gpu_check.dataclasses.replace(gpu_check.DRY, budget=1.0, train_share=0.0)
+    plan = gpu_check.dataclasses.replace(gpu_check.DRY, budget=0.0, train_share=0.0)
     assert gpu_check.run_check(tmp_path, plan, ["speed", "environment"], gpu_check.TRAIN_OPT) == 0
     tables = rows(tmp_path)
     assert [(r["stage"], r["status"]) for r in tables["stages"]] == [
