@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import stat
 import threading
 import warnings
 from collections import OrderedDict
@@ -26,6 +25,7 @@ import torch
 
 from .io import check_pixels, full_scale
 from .text import printable
+from .userfiles import FileTooLarge, NotARegularFile, read_regular
 
 TILE = 256  # input pixels per tile side: a 4x RRDBNet peaks at about 2.2 GB in fp32 (4.5 GB at 512)
 OVERLAP = 16  # input pixels each tile shares with its neighbour, blended linearly
@@ -157,22 +157,18 @@ def _cache(sha256: str, device: str, new: Upsampler | None = None) -> Upsampler 
 
 
 def _read(path: Path, shown: str) -> bytes:
-    """The file's bytes, after checking from its metadata that it is a regular file of a model's size
-    (a FIFO would block the read; a folder, a device or a huge file get one line)."""
+    """The file's bytes, if it is a regular file of a model's size (a folder, a FIFO, a device or a huge
+    file get one line)."""
     try:
-        info = path.stat()
+        return read_regular(path, MAX_BYTES)
     except FileNotFoundError:
         raise UpsamplerError(f"{shown}: no such file") from None
-    except OSError as exc:
-        raise UpsamplerError(f"{shown}: cannot read it ({exc.strerror or type(exc).__name__})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise UpsamplerError(f"{shown}: is a folder, not a model file")
-    if not stat.S_ISREG(info.st_mode):
-        raise UpsamplerError(f"{shown}: not a regular file")
-    if info.st_size > MAX_BYTES:
-        raise UpsamplerError(f"{shown}: {info.st_size / 2**30:.1f} GiB, larger than any super-resolution model")
-    try:
-        return path.read_bytes()
+    except IsADirectoryError:
+        raise UpsamplerError(f"{shown}: is a folder, not a model file") from None
+    except NotARegularFile as exc:
+        raise UpsamplerError(f"{shown}: {exc.strerror}") from None
+    except FileTooLarge as exc:
+        raise UpsamplerError(f"{shown}: {exc.strerror}, larger than any super-resolution model") from None
     except OSError as exc:
         raise UpsamplerError(f"{shown}: cannot read it ({exc.strerror or type(exc).__name__})") from None
 

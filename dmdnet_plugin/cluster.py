@@ -40,7 +40,7 @@ from .components import CROP_SIZE
 from .face_helper import AlignedFace, Detection
 from .faces import Face
 from .identity import IdentityDictionary
-from .io import IMAGE_EXTENSIONS, decode_image, encode_image, read_image
+from .io import IMAGE_EXTENSIONS, decode_image, encode_image, read_image_file
 from .journal import LocalFiles, Stamp
 from .matching import Match
 from .outputs import Found, Job, Plan, local_inputs, plan_jobs
@@ -131,15 +131,11 @@ class Storage:
         return Stamp(info.size, info.mtime_ns or 0) if info.type == pafs.FileType.File else None
 
     def read(self, path: str) -> bytes:
-        """A file's bytes; one that cannot be read fails as without Ray (:func:`read_image`'s message)."""
+        """A file's bytes; one that cannot be read fails as without Ray (:func:`read_image_file`'s message)."""
         if not self.local:
             with self.fs.open_input_file(path) as f:
                 return f.readall()
-        try:
-            return Path(path).read_bytes()
-        except OSError:
-            read_image(path)  # raises the ImageError that names the file and the problem
-            raise
+        return read_image_file(path)
 
     def save(self, path: Path, pixels: np.ndarray, alpha: np.ndarray | None) -> None:
         data = encode_image(pixels, alpha, path.suffix)

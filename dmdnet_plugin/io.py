@@ -20,11 +20,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from PIL.TiffImagePlugin import TILELENGTH, TILEWIDTH
 
 from .atomic import atomic_path
+from .userfiles import FileTooLarge, NotARegularFile, read_regular
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")  # Pillow's names; JPEG includes the MPO files of phones
 MAX_PIXELS = 120_000_000  # a 12000x10000 photo; larger ones are refused, not swapped to death
 MIN_SIDE = 8
+MAX_FILE_BYTES = 2 << 30  # MAX_PIXELS of float RGBA, uncompressed, with room to spare; checked before reading
 
 
 def full_scale(dtype: np.dtype) -> float:
@@ -197,14 +199,19 @@ def decode_image(data: bytes, name: str = "<image>") -> Picture:
 
 
 def read_image(path: str | Path) -> Picture:
-    path = Path(path)
+    return decode_image(read_image_file(path), str(path))
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """A photo file's bytes, from a regular file of at most :data:`MAX_FILE_BYTES` (see :mod:`.userfiles`)."""
     try:
-        data = path.read_bytes()
+        return read_regular(path, MAX_FILE_BYTES)
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory") from None
+    except (NotARegularFile, FileTooLarge) as exc:
+        raise ImageError(f"{path}: {exc.strerror}") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
-    return decode_image(data, str(path))
 
 
 def encode_image(pixels: np.ndarray, alpha: np.ndarray | None, suffix: str) -> bytes:

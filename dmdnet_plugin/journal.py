@@ -26,6 +26,7 @@ from .atomic import TOKEN, atomic_path, leftovers
 from .report import Entry, Status
 from .runtime import cache_dir
 from .text import printable
+from .userfiles import open_regular
 
 HASHED = 256 << 20  # inputs up to this size are hashed whole; larger ones (videos) by their ends
 
@@ -74,7 +75,7 @@ class LocalFiles:
 def _sha256(name: str, size: int) -> str:
     """The file's sha256; above :data:`HASHED` bytes, of its size and first and last MiB."""
     sha = hashlib.sha256()
-    with open(name, "rb") as f:
+    with open_regular(name) as f:  # a FIFO put in an input's place must not hang the run
         if size <= HASHED:
             while chunk := f.read(1 << 20):
                 sha.update(chunk)

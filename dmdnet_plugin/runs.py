@@ -26,6 +26,7 @@ from .report import Entry, RunReport
 from .settings import RunSettings
 from .stream import Done, PhotoStream
 from .text import printable
+from .userfiles import NotARegularFile, open_regular
 from .video import VIDEO_EXTENSIONS, is_video, restore_video_job
 
 
@@ -172,7 +173,10 @@ def _check_report(report: str, plan: Plan) -> None:
     if os.path.isdir(report):
         raise ValueError(f"{printable(report)}: is a folder; the report is a file")
     if os.path.exists(report):
-        with open(report, "rb") as f:
-            head = f.read(4096)
+        try:
+            with open_regular(report) as f:
+                head = f.read(4096)
+        except NotARegularFile:
+            raise ValueError(f"{printable(report)}: not a regular file; the report is a file") from None
         if b'"format": "dmdnet-report"' not in head and not head.startswith(b'{\n  "weights":'):
             raise ValueError(f"{printable(report)}: exists and is not a dmdnet report; it is not overwritten")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .userfiles import NotARegularFile, open_regular
+
 
 class TensorFileError(ValueError):
     """The file is not a usable tensor file; the message says why (the caller adds the path)."""
@@ -23,9 +25,12 @@ def read_safetensors(path: Path, max_header: int) -> tuple[dict[str, torch.Tenso
     """Tensors and metadata of a safetensors file whose header is at most ``max_header`` bytes."""
     from safetensors import safe_open
 
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = f.seek(0, 2)
+    try:
+        with open_regular(path) as f:
+            head = f.read(8)
+            size = f.seek(0, 2)
+    except NotARegularFile as exc:
+        raise TensorFileError(exc.strerror) from None
     if len(head) < 8:
         raise TensorFileError(f"too short for a safetensors file ({size} bytes)")
     (header_len,) = struct.unpack("<Q", head)

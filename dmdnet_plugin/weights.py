@@ -35,6 +35,7 @@ from .model import KEY_SCALE, DMDNet
 from .runtime import cache_dir, pick_device, pick_precision, tune_cpu_allocator
 from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
 from .text import printable
+from .userfiles import NotARegularFile, open_regular
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
 OFFICIAL_NAME = "DMDNet.pth"
@@ -88,7 +89,7 @@ class WeightsSource:
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -106,7 +107,10 @@ def find_weights(explicit: str | Path | WeightsSource | None = None) -> WeightsS
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise WeightsError(f"{printable(path)}: weights file not found (given by {origin})")
+                what = "weights file not found"
+                if path.exists():
+                    what = "is a folder" if path.is_dir() else "not a regular file"
+                raise WeightsError(f"{printable(path)}: {what} (given by {origin})")
             return WeightsSource(path, origin)
     for path in sorted(cache_dir().glob("*.safetensors")) + [cache_dir() / OFFICIAL_NAME]:
         if path.is_file():
@@ -347,7 +351,7 @@ _MARKUP = re.compile(rb"\s*<(\?xml|!doctype html|html|head|body)", re.IGNORECASE
 def _plain_problem(path: Path) -> str | None:
     """What is wrong with a file whose decoder would say it badly: torch.load reports an empty file as
     an empty EOFError, a web page as an unpickling refusal and a cut zip as a miniz error."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(256)
         size = f.seek(0, 2)
     if size == 0:
@@ -383,6 +387,8 @@ def read_state_dict(path: str | Path, source: str | None = None) -> tuple[dict[s
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"{source}: weights file not found") from None
+    except NotARegularFile as exc:
+        raise WeightsError(f"{source}: {exc.strerror}") from None
     except WeightsError:
         raise
     except TensorFileError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DATA, small_net
-from photo_folders import ROOT
+from photo_folders import CLI, ROOT
 from report_schema import checked
 
 from dmdnet_plugin.cli import build_parser, main
@@ -323,3 +323,36 @@ def test_values_no_run_can_use_and_long_names(small_weights, tmp_path, capsys):
     assert restore([A], tmp_path / "out2", odd) == 0
     err = capsys.readouterr().err
     assert "\x1b" not in err and not any(line.startswith("error:") for line in err.splitlines())
+
+
+def test_a_fifo_a_device_or_a_huge_file_is_one_line_and_the_batch_goes_on(small_weights, tmp_path):
+    """A FIFO named like a photo used to hang the run for good (a worker thread waited in ``open`` for a
+    writer, deaf to SIGTERM), /dev/zero never ended, and a sparse file was read whole before its header was
+    looked at. In their own process, so that a hang fails the test instead of stopping the suite."""
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    os.mkfifo(odd / "fifo.jpg")
+    with open(odd / "huge.png", "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk used
+    os.mkfifo(tmp_path / "fifo.json")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    out = tmp_path / "out"
+    base = [*CLI, "restore", "-o", str(out), "--weights", str(small_weights), "--precision", "fp32"]
+    photos = [str(A), str(odd / "fifo.jpg"), "/dev/zero", str(odd / "huge.png")]
+    proc = subprocess.run([*base, *photos], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines == [
+        f"error: {odd / 'fifo.jpg'}: not a regular file",
+        "error: /dev/zero: not a regular file",
+        f"error: {odd / 'huge.png'}: 3072 MiB, more than the limit of 2048 MiB",
+    ]
+    assert (out / A.name).is_file()
+    for extra, message in (
+        (["--report", str(tmp_path / "fifo.json")], "fifo.json: not a regular file"),
+        (["--identity", str(tmp_path / "fifo.safetensors")], "fifo.safetensors: not a readable identity"),
+    ):
+        proc = subprocess.run([*base, str(A), *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+        assert "not a regular file" in lines[0]
