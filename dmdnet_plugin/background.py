@@ -25,7 +25,7 @@ import torch
 
 from .io import check_pixels, full_scale
 from .text import printable
-from .userfiles import FileTooLarge, NotARegularFile, read_regular
+from .userfiles import read_regular, unreadable
 
 TILE = 256  # input pixels per tile side: a 4x RRDBNet peaks at about 2.2 GB in fp32 (4.5 GB at 512)
 OVERLAP = 16  # input pixels each tile shares with its neighbour, blended linearly
@@ -161,16 +161,8 @@ def _read(path: Path, shown: str) -> bytes:
     file get one line)."""
     try:
         return read_regular(path, MAX_BYTES)
-    except FileNotFoundError:
-        raise UpsamplerError(f"{shown}: no such file") from None
-    except IsADirectoryError:
-        raise UpsamplerError(f"{shown}: is a folder, not a model file") from None
-    except NotARegularFile as exc:
-        raise UpsamplerError(f"{shown}: {exc.strerror}") from None
-    except FileTooLarge as exc:
-        raise UpsamplerError(f"{shown}: {exc.strerror}, larger than any super-resolution model") from None
     except OSError as exc:
-        raise UpsamplerError(f"{shown}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        raise UpsamplerError(f"{shown}: {unreadable(exc)}") from None
 
 
 def _load(data: bytes, shown: str, name: str, device: str | torch.device, sha256: str) -> Upsampler:

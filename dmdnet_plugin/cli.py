@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import stat
 import sys
 import threading
 from collections import Counter
@@ -24,7 +26,7 @@ from .faces import DETECTORS, Face, FaceBackend, FaceModelsError, landmark_path,
 from .factory import load_restorer
 from .identity import IdentityDictionary
 from .io import ImageError, Picture, list_images, read_image, refuse_overwrite, to_uint8, write_image
-from .journal import JournalError, RunLockedError
+from .journal import JournalError, RunLockedError, same_name
 from .matching import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 from .pipeline import Mode, Restorer
 from .report import Entry, Status
@@ -32,6 +34,7 @@ from .runs import LocalEngine, RunStart, restore_files
 from .runtime import PRECISIONS
 from .settings import RunSettings
 from .text import printable
+from .userfiles import BrokenLink, write_target
 from .weights import OFFICIAL_URL, URL_ENV, WeightsError, cache_dir, convert, download_official, find_weights
 
 
@@ -176,13 +179,43 @@ class _Progress:
         bar.refresh()
 
 
+def output_file(out: str | Path, suffix: str, inputs: Sequence[str | Path] = ()) -> Path:
+    """Where a command that writes one file writes it. The name must end in its kind's suffix, so that a
+    slip (a photo or the input given as OUT) replaces nothing; a folder, a FIFO or an input is refused;
+    a link is written through (replacing the link would leave its target stale)."""
+    shown = printable(out)
+    if Path(out).suffix.lower() != suffix:
+        raise CliError(f"{shown}: give the name of the {suffix} file to write (it must end in {suffix})")
+    try:
+        target = Path(write_target(out))
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except BrokenLink as exc:
+        raise CliError(f"{shown}: {exc.strerror}") from None
+    except OSError as exc:
+        raise CliError(f"{shown}: cannot write it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise CliError(f"{shown}: is a folder; give the {suffix} file to write")
+    if not stat.S_ISREG(mode):
+        raise CliError(f"{shown}: not a regular file; give the {suffix} file to write")
+    if same_name(str(target)) in {same_name(str(i)) for i in inputs}:
+        raise CliError(f"{shown}: is an input of this command; it is not overwritten")
+    return target
+
+
 def cmd_identity_build(args) -> int:
-    ident, rejected = _restorer(args).build_identity(list_images(args.refs), name=args.name, aligned=args.aligned)
+    refs = list_images(args.refs)
+    out = output_file(args.output, ".safetensors", refs)  # --extend may be OUT: it is read before the write
+    ident, rejected = _restorer(args).build_identity(refs, name=args.name, aligned=args.aligned)
     for reason in rejected:
         _error(f"reference rejected: {reason}")
     if args.extend:
         ident = IdentityDictionary.load(args.extend).extend(ident)
-    ident.save(args.output)
+    try:
+        ident.save(out)
+    except OSError as exc:
+        raise CliError(f"{printable(args.output)}: cannot write it ({exc.strerror or exc})") from None
     print(
         f"{args.output}: identity {args.name or '(unnamed)'} from {ident.n_refs} references"
         f"{f', {len(rejected)} rejected' if rejected else ''}",
@@ -212,7 +245,19 @@ def _for_each_image(items: Sequence[str], desc: str, work: Callable[[Path, Path]
         except ImageError as exc:
             done["failed"] += 1
             _error(str(exc))
+        except OSError as exc:  # its output could not be written
+            done["failed"] += 1
+            _error(f"{src}: cannot write its output ({exc.strerror or type(exc).__name__})")
     return done
+
+
+def folder_arg(value: str | None) -> Path | None:
+    """A folder a command writes into: one that is a file is refused before any work."""
+    if not value:
+        return None
+    if os.path.lexists(value) and not os.path.isdir(value):
+        raise CliError(f"{printable(value)}: is a file, not a folder")
+    return Path(value)
 
 
 def _largest_face(backend: FaceBackend, src: Path, picture: Picture) -> Face:
@@ -224,8 +269,8 @@ def _largest_face(backend: FaceBackend, src: Path, picture: Picture) -> Face:
 
 def cmd_landmarks(args) -> int:
     """Cache 68-point landmarks beside training images (NAME.png.txt, the authors' format)."""
+    lm_root = folder_arg(args.landmarks_root)
     backend = shared_backend(args.detector, args.face_models)
-    lm_root = Path(args.landmarks_root) if args.landmarks_root else None
 
     def landmarks(src: Path, root: Path) -> str:
         target = landmark_path(src, root if root.is_dir() else src.parent, lm_root)
@@ -235,7 +280,8 @@ def cmd_landmarks(args) -> int:
         return "written"
 
     done = _for_each_image(args.folders, "landmarks", landmarks)
-    print(f"{done['written']} landmark files written, {done['failed']} images without a face", file=sys.stderr)
+    failed = f"{done['failed']} images failed (each named above)"
+    print(f"{done['written']} landmark files written, {done['kept']} kept, {failed}", file=sys.stderr)
     return 1 if done["failed"] else 0
 
 
@@ -243,9 +289,8 @@ def cmd_crops(args) -> int:
     """Cut the largest face of each photo to an aligned 512x512 training crop with its landmarks,
     keeping subfolders (one per person for BasicSR's ``identities`` layout). A face that would be
     enlarged more than ``--max-upscale`` is left out: an enlarged face is a blurred target."""
+    out, lm_root = folder_arg(args.output), folder_arg(args.landmarks_root)
     helper = FaceHelper(shared_backend(args.detector, args.face_models))
-    out = Path(args.output)
-    lm_root = Path(args.landmarks_root) if args.landmarks_root else None
 
     def crop(src: Path, root: Path) -> str:
         target = out / (src.relative_to(root) if root.is_dir() else Path(src.name)).with_suffix(".png")
@@ -286,8 +331,11 @@ def cmd_weights_which(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    out = convert(args.input, args.output, half=args.half)
-    print(f"wrote {out}", file=sys.stderr)
+    try:
+        convert(args.input, output_file(args.output, ".safetensors", [args.input]), half=args.half)
+    except OSError as exc:
+        raise CliError(f"{printable(args.output)}: cannot write it ({exc.strerror or exc})") from None
+    print(f"wrote {printable(args.output)}", file=sys.stderr)
     return 0
 
 
@@ -299,15 +347,7 @@ def cmd_export_onnx(args) -> int:
         raise CliError(f'export-onnx needs the onnx extra: pip install "dmdnet-plugin[onnx]" ({exc})') from None
     from .weights import load_model
 
-    out = Path(args.output)
-    if out.suffix.lower() != ".onnx":  # a slip (the identity file given as OUT) must not replace it
-        raise CliError(f"{printable(out)}: give the name of the .onnx file to write (it must end in .onnx)")
-    try:
-        is_dir = out.is_dir()
-    except OSError as exc:
-        raise CliError(f"{printable(out)}: cannot write it ({exc.strerror or exc})") from None
-    if is_dir:
-        raise CliError(f"{printable(out)}: is a folder; give the .onnx file to write")
+    out = output_file(args.output, ".onnx")
     identity = IdentityDictionary.load(args.identity) if args.identity else None
     loaded = load_model(args.weights, device="cpu", precision="fp32")
     tqdm.write(loaded.notice(), file=sys.stderr)

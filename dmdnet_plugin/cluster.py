@@ -504,7 +504,7 @@ class RayEngine:
         self.source, self.target = Storage.open(inputs[0]), Storage.open(output)
         self.files = StoredFiles(self.source, self.target)
         found = self.source.found(inputs, self.target.root if self.target.local else output)
-        return plan_jobs(found, self.target.join, self.settings.save_faces)
+        return plan_jobs(found, self.target.join, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS, self.settings.save_faces)
 
     def restore(self, jobs: Sequence[Job], done: Done) -> Iterator[Entry]:
         for job in jobs:

@@ -9,6 +9,7 @@ Every failure is an :class:`ImageError` whose message names the file and the pro
 from __future__ import annotations
 
 import io
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from PIL.TiffImagePlugin import TILELENGTH, TILEWIDTH
 
 from .atomic import atomic_path
-from .userfiles import FileTooLarge, NotARegularFile, read_regular
+from .userfiles import read_regular, unreadable
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")  # Pillow's names; JPEG includes the MPO files of phones
@@ -86,7 +87,7 @@ class Picture:
 
 def refuse_overwrite(src: Path, dst: Path) -> None:
     """Inputs are never modified: an output path that is the input itself is an error for that file."""
-    if dst.resolve() == src.resolve():
+    if os.path.realpath(dst) == os.path.realpath(src):  # Path.resolve raises on a link loop
         raise ImageError(f"{src}: the output would overwrite the input; choose another output folder (-o)")
 
 
@@ -206,12 +207,8 @@ def read_image_file(path: str | Path) -> bytes:
     """A photo file's bytes, from a regular file of at most :data:`MAX_FILE_BYTES` (see :mod:`.userfiles`)."""
     try:
         return read_regular(path, MAX_FILE_BYTES)
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory") from None
-    except (NotARegularFile, FileTooLarge) as exc:
-        raise ImageError(f"{path}: {exc.strerror}") from None
     except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ImageError(f"{path}: {unreadable(exc)}") from None
 
 
 def encode_image(pixels: np.ndarray, alpha: np.ndarray | None, suffix: str) -> bytes:

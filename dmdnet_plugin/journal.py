@@ -195,7 +195,8 @@ class Journal:
         """Load what the journal says: the records of these settings, the other lines, the outputs
         written here; returns the tokens of every run it names."""
         try:
-            lines = self.path.read_bytes().decode(errors="replace").splitlines()
+            with open_regular(self.path) as f:  # a FIFO there (a shared cache) would hang the run
+                lines = f.read().decode(errors="replace").splitlines()
         except FileNotFoundError:
             return set()
         tokens = set()

@@ -67,21 +67,29 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def plan_jobs(found: Iterable[Found], join: Callable[[PurePath], str], save_faces: bool = False) -> Plan:
+def plan_jobs(
+    found: Iterable[Found], join: Callable[[PurePath], str], extensions: set[str], save_faces: bool = False
+) -> Plan:
     """The jobs of ``found`` (``join``: a relative path -> its output). An input given twice (under
-    any spelling) is restored once. Refused, one line each: two inputs with one output, an output
-    that another output needs as its folder, and with ``save_faces`` (crops named by the photo's
-    folder and stem: ``cropped_faces/img_00.png``) two photos whose crops would share names, or a
-    photo that lies in a crops folder itself."""
+    any spelling) is restored once. Refused, one line each: a file given by a name without one of
+    ``extensions`` (its output keeps its name, so its format: ``photo.gif`` or ``noext`` could only fail
+    after its restoration), two inputs with one output, an output that another output needs as its
+    folder, and with ``save_faces`` (crops named by the photo's folder and stem:
+    ``cropped_faces/img_00.png``) two photos whose crops would share names, or a photo that lies in a
+    crops folder itself."""
     inputs: list[str] = []
     outputs: dict[str, str] = {}
     seen: set[tuple[str, str]] = set()
+    unknown: set[str] = set()
     for item in found:
         dst = join(item.relative)
         if (same_name(item.src), dst) not in seen:
             seen.add((same_name(item.src), dst))
             inputs.append(item.src)
-            outputs[item.src] = dst
+            if item.relative.suffix.lower() in extensions:
+                outputs[item.src] = dst
+            else:
+                unknown.add(item.src)
     claims: dict[str, list[str]] = {}
     for src, dst in outputs.items():
         path = PurePath(dst)
@@ -93,8 +101,11 @@ def plan_jobs(found: Iterable[Found], join: Callable[[PurePath], str], save_face
     clash = {src: others for name, others in claims.items() if _clashes(name, others, outputs) for src in others}
     if save_faces:
         clash.update({src: [src] for src, dst in outputs.items() if set(PurePath(dst).parts) & set(FACE_FOLDERS)})
-    refused = tuple(Entry.failed(src, _why(src, clash[src], outputs)) for src in inputs if src in clash)
-    jobs = tuple(Job(src, outputs[src]) for src in inputs if src not in clash)
+    names = ", ".join(sorted(extensions))
+    why = {src: f"{src}: not a photo or video name (its output keeps it; it must end in {names})" for src in unknown}
+    why |= {src: _why(src, clash[src], outputs) for src in clash}
+    refused = tuple(Entry.failed(src, why[src]) for src in inputs if src in why)
+    jobs = tuple(Job(src, outputs[src]) for src in inputs if src not in why)
     return Plan(tuple(inputs), jobs, refused)
 
 

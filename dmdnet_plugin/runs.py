@@ -26,7 +26,7 @@ from .report import Entry, RunReport
 from .settings import RunSettings
 from .stream import Done, PhotoStream
 from .text import printable
-from .userfiles import NotARegularFile, open_regular
+from .userfiles import BrokenLink, open_regular, unreadable, write_target
 from .video import VIDEO_EXTENSIONS, is_video, restore_video_job
 
 
@@ -62,8 +62,9 @@ class LocalEngine:
         self.files = LocalFiles()
 
     def plan(self, inputs: Sequence[str], output: str) -> Plan:
-        found = local_inputs(inputs, output, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
-        return plan_jobs(found, lambda relative: str(Path(output) / relative), self.settings.save_faces)
+        extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+        found = local_inputs(inputs, output, extensions)
+        return plan_jobs(found, lambda relative: str(Path(output) / relative), extensions, self.settings.save_faces)
 
     def restore(self, jobs: Sequence[Job], done: Done) -> Iterator[Entry]:
         with PhotoStream(self.restorer, self.settings, self.workers) as stream:
@@ -117,7 +118,7 @@ def restore_files(
     if not plan.inputs:
         raise ValueError("no input images or videos found")
     if report:
-        _check_report(str(report), plan)
+        report = _report_target(str(report), plan)
     results = {entry.input: entry for entry in plan.refused}
     refused = list(plan.refused)
     with Journal(output, engine.settings.key(), engine.files, resume) as journal:
@@ -165,18 +166,24 @@ def _check_names(inputs: list[str], output: str) -> None:
         raise ValueError(f"{printable(output)}: is a file, not a folder; the output must be a folder")
 
 
-def _check_report(report: str, plan: Plan) -> None:
-    """The report never replaces an input, an output, or a file that is not an earlier report."""
-    name = same_name(report)
-    if name in {same_name(n) for n in plan.inputs} | {same_name(j.dst) for j in plan.jobs}:
-        raise ValueError(f"{printable(report)}: the report would overwrite an input or an output")
-    if os.path.isdir(report):
-        raise ValueError(f"{printable(report)}: is a folder; the report is a file")
-    if os.path.exists(report):
-        try:
-            with open_regular(report) as f:
-                head = f.read(4096)
-        except NotARegularFile:
-            raise ValueError(f"{printable(report)}: not a regular file; the report is a file") from None
-        if b'"format": "dmdnet-report"' not in head and not head.startswith(b'{\n  "weights":'):
-            raise ValueError(f"{printable(report)}: exists and is not a dmdnet report; it is not overwritten")
+def _report_target(report: str, plan: Plan) -> str:
+    """Where the report is written. It never replaces an input, an output, or a file that is not an
+    earlier report. A link is written through (replacing the link would leave its target stale); a
+    link to nothing, or a loop, is refused."""
+    shown = printable(report)
+    try:
+        target = write_target(report)
+    except BrokenLink as exc:
+        raise ValueError(f"{shown}: {exc.strerror}") from None
+    if same_name(target) in {same_name(n) for n in plan.inputs} | {same_name(j.dst) for j in plan.jobs}:
+        raise ValueError(f"{shown}: the report would overwrite an input or an output")
+    try:
+        with open_regular(target) as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        return target
+    except OSError as exc:
+        raise ValueError(f"{shown}: {unreadable(exc)}; --report names a file") from None
+    if b'"format": "dmdnet-report"' not in head and not head.startswith(b'{\n  "weights":'):
+        raise ValueError(f"{shown}: exists and is not a dmdnet report; it is not overwritten")
+    return target

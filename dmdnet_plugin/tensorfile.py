@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .userfiles import NotARegularFile, open_regular
+from .userfiles import checked_name, unreadable
 
 
 class TensorFileError(ValueError):
@@ -23,14 +23,21 @@ class TensorFileError(ValueError):
 
 def read_safetensors(path: Path, max_header: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file whose header is at most ``max_header`` bytes."""
+    try:
+        with checked_name(path) as name:
+            return _read(name, max_header)
+    except (FileNotFoundError, IsADirectoryError):
+        raise  # the callers name these in their own words
+    except OSError as exc:  # no permission, a FIFO, a link loop, /proc files that cannot seek
+        raise TensorFileError(unreadable(exc)) from None
+
+
+def _read(name: str, max_header: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
-    try:
-        with open_regular(path) as f:
-            head = f.read(8)
-            size = f.seek(0, 2)
-    except NotARegularFile as exc:
-        raise TensorFileError(exc.strerror) from None
+    with open(name, "rb") as f:
+        head = f.read(8)
+        size = f.seek(0, 2)
     if len(head) < 8:
         raise TensorFileError(f"too short for a safetensors file ({size} bytes)")
     (header_len,) = struct.unpack("<Q", head)
@@ -39,7 +46,7 @@ def read_safetensors(path: Path, max_header: int) -> tuple[dict[str, torch.Tenso
     if 8 + header_len > size:
         raise TensorFileError(f"truncated: header claims {header_len} bytes, the file has {size - 8} after it")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(name, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors reports each kind of corruption with its own exception type

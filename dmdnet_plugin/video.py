@@ -28,7 +28,7 @@ from .pipeline import FaceResult, Mode, Restorer
 from .report import Entry, Status, VideoRecord
 from .settings import RunSettings
 from .tracking import TrackSummary
-from .userfiles import NotARegularFile, open_regular
+from .userfiles import NotARegularFile, checked_name, unreadable
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
 CODECS = {".webm": ("libvpx-vp9", {"crf": "30", "b:v": "0"}), ".avi": ("mpeg4", {"qscale": "2"})}
@@ -64,13 +64,13 @@ def _open(path: Path):
     import av
 
     try:
-        open_regular(path).close()  # FFmpeg's own open would wait on a FIFO, and read a device forever
-        container = av.open(str(path))
-    except FileNotFoundError:
-        raise VideoError(f"{path}: no such file") from None
-    except (IsADirectoryError, NotARegularFile) as exc:
-        raise VideoError(f"{path}: {exc.strerror}") from None
-    except (av.FFmpegError, OSError, ValueError) as exc:
+        with checked_name(path) as name:  # FFmpeg's own open would wait on a FIFO, and read a device forever
+            container = av.open(name)
+    except (FileNotFoundError, IsADirectoryError, NotARegularFile) as exc:
+        raise VideoError(f"{path}: {unreadable(exc)}") from None
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{path}: not a readable video ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:
         raise VideoError(f"{path}: not a readable video ({exc})") from None
     if not container.streams.video:
         container.close()

@@ -35,7 +35,7 @@ from .model import KEY_SCALE, DMDNet
 from .runtime import cache_dir, pick_device, pick_precision, tune_cpu_allocator
 from .tensorfile import TensorFileError, check_tensors, json_field, read_safetensors
 from .text import printable
-from .userfiles import NotARegularFile, open_regular
+from .userfiles import checked_name, open_regular, unreadable
 
 OFFICIAL_URL = "https://github.com/csxmli2016/DMDNet/releases/download/v1/DMDNet.pth"
 OFFICIAL_NAME = "DMDNet.pth"
@@ -57,7 +57,7 @@ DEMO_NOTE = (
 DOWNLOAD_DEADLINE_S = 3 * 3600.0
 DOWNLOAD_MIN_RATE_KIB_S = 8.0
 DOWNLOAD_WINDOW_S = 60.0
-DOWNLOAD_MAX_BYTES = 2 << 30  # a server sending more than this is not serving a DMDNet checkpoint
+MAX_CHECKPOINT_BYTES = 2 << 30  # no DMDNet checkpoint is larger; a file or a download beyond it is refused
 _SOCKET_TIMEOUT_S = 30.0  # per socket operation; bounds a connect or a TLS handshake, which cannot be woken
 _POLL_S = 0.2  # how often a waiting download checks its limits and calls progress (which may cancel it)
 _SCHEMES = ("http", "https")
@@ -88,11 +88,19 @@ class WeightsSource:
 
 
 def sha256_of(path: Path) -> str:
+    """The checkpoint's sha256, after its size is checked: hashing a sparse 1 TB file took 40 minutes."""
     digest = hashlib.sha256()
-    with open_regular(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    try:
+        with checked_name(path, MAX_CHECKPOINT_BYTES) as name, open(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise WeightsError(f"{printable(path)}: {_unreadable(exc)}") from None
     return digest.hexdigest()
+
+
+def _unreadable(exc: OSError) -> str:
+    return "weights file not found" if isinstance(exc, FileNotFoundError) else unreadable(exc)
 
 
 def find_weights(explicit: str | Path | WeightsSource | None = None) -> WeightsSource:
@@ -106,11 +114,10 @@ def find_weights(explicit: str | Path | WeightsSource | None = None) -> WeightsS
     for origin, value in (("--weights", explicit), ("DMDNET_WEIGHTS", os.environ.get("DMDNET_WEIGHTS"))):
         if value:
             path = Path(value).expanduser()
-            if not path.is_file():
-                what = "weights file not found"
-                if path.exists():
-                    what = "is a folder" if path.is_dir() else "not a regular file"
-                raise WeightsError(f"{printable(path)}: {what} (given by {origin})")
+            try:
+                open_regular(path).close()  # judged by stat first: a FIFO is not opened
+            except OSError as exc:
+                raise WeightsError(f"{printable(path)}: {_unreadable(exc)} (given by {origin})") from None
             return WeightsSource(path, origin)
     for path in sorted(cache_dir().glob("*.safetensors")) + [cache_dir() / OFFICIAL_NAME]:
         if path.is_file():
@@ -141,7 +148,7 @@ def download_official(
     deadline_s: float = DOWNLOAD_DEADLINE_S,
     min_rate_kib_s: float = DOWNLOAD_MIN_RATE_KIB_S,
     window_s: float = DOWNLOAD_WINDOW_S,
-    max_bytes: int = DOWNLOAD_MAX_BYTES,
+    max_bytes: int = MAX_CHECKPOINT_BYTES,
 ) -> Path:
     """Fetch the authors' checkpoint (from :func:`official_url` by default) into the cache, atomically.
 
@@ -348,10 +355,10 @@ def _progress_or_bar(progress: Callable[[int, int | None], None] | None, name: s
 _MARKUP = re.compile(rb"\s*<(\?xml|!doctype html|html|head|body)", re.IGNORECASE)
 
 
-def _plain_problem(path: Path) -> str | None:
+def _plain_problem(path: str) -> str | None:
     """What is wrong with a file whose decoder would say it badly: torch.load reports an empty file as
     an empty EOFError, a web page as an unpickling refusal and a cut zip as a miniz error."""
-    with open_regular(path) as f:
+    with open(path, "rb") as f:
         head = f.read(256)
         size = f.seek(0, 2)
     if size == 0:
@@ -378,17 +385,16 @@ def read_state_dict(path: str | Path, source: str | None = None) -> tuple[dict[s
     path = Path(path)
     source = source or printable(path)
     try:
-        if problem := _plain_problem(path):
-            raise WeightsError(f"{source}: not a readable checkpoint ({problem})")
-        if path.suffix == ".safetensors":
-            state, meta = read_safetensors(path, MAX_HEADER)
-            config = json_field(meta, "config") if "config" in meta else None
-            return state, config if isinstance(config, dict) else None
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{source}: weights file not found") from None
-    except NotARegularFile as exc:
-        raise WeightsError(f"{source}: {exc.strerror}") from None
+        with checked_name(path, MAX_CHECKPOINT_BYTES) as name:
+            if problem := _plain_problem(name):
+                raise WeightsError(f"{source}: not a readable checkpoint ({problem})")
+            if path.suffix == ".safetensors":
+                state, meta = read_safetensors(Path(name), MAX_HEADER)
+                config = json_field(meta, "config") if "config" in meta else None
+                return state, config if isinstance(config, dict) else None
+            obj = torch.load(name, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise WeightsError(f"{source}: {_unreadable(exc)}") from None
     except WeightsError:
         raise
     except TensorFileError as exc:

@@ -137,7 +137,7 @@ def bad_files(folder: Path, x2: Path, dmdnet: Path) -> dict[str, str]:
         "misshapen.pth": "a broken model file (RuntimeError: Error(s) in loading state_dict for RRDBNet: size mismatch",
         "payload.pth": f"{pth}: UnpicklingError)",
         "bad\nerror: fake.pth": pth,
-        "folder.pth": "is a folder, not a model file",
+        "folder.pth": "is a folder",
         "fifo.pth": "not a regular file",
         "loop.pth": "cannot read it (Too many levels of symbolic links)",
         "gray.pth": "a model for 1 channels in, 1 out; the background needs one for RGB (3 and 3)",
