@@ -188,11 +188,14 @@ def output_file(out: str | Path, suffix: str, inputs: Sequence[str | Path] = ())
         raise CliError(f"{shown}: give the name of the {suffix} file to write (it must end in {suffix})")
     try:
         target = Path(write_target(out))
+    except BrokenLink as exc:
+        raise CliError(f"{shown}: {exc.strerror}") from None
+    if target.suffix.lower() != suffix:
+        raise CliError(f"{shown}: a link to {printable(target)}, which does not end in {suffix}; it is not replaced")
+    try:
         mode = target.stat().st_mode
     except FileNotFoundError:
         mode = stat.S_IFREG
-    except BrokenLink as exc:
-        raise CliError(f"{shown}: {exc.strerror}") from None
     except OSError as exc:
         raise CliError(f"{shown}: cannot write it ({exc.strerror or exc})") from None
     if stat.S_ISDIR(mode):
@@ -206,12 +209,14 @@ def output_file(out: str | Path, suffix: str, inputs: Sequence[str | Path] = ())
 
 def cmd_identity_build(args) -> int:
     refs = list_images(args.refs)
-    out = output_file(args.output, ".safetensors", refs)  # --extend may be OUT: it is read before the write
+    weights = find_weights(args.weights).path
+    out = output_file(args.output, ".safetensors", [*refs, weights])  # --extend may be OUT: read before the write
+    old = IdentityDictionary.load(args.extend) if args.extend else None
     ident, rejected = _restorer(args).build_identity(refs, name=args.name, aligned=args.aligned)
     for reason in rejected:
         _error(f"reference rejected: {reason}")
-    if args.extend:
-        ident = IdentityDictionary.load(args.extend).extend(ident)
+    if old is not None:
+        ident = old.extend(ident)
     try:
         ident.save(out)
     except OSError as exc:
@@ -255,8 +260,11 @@ def folder_arg(value: str | None) -> Path | None:
     """A folder a command writes into: one that is a file is refused before any work."""
     if not value:
         return None
-    if os.path.lexists(value) and not os.path.isdir(value):
-        raise CliError(f"{printable(value)}: is a file, not a folder")
+    for folder in (Path(value), *Path(value).parents):  # the first that exists must be a folder
+        if os.path.lexists(folder):
+            if not os.path.isdir(folder):
+                raise CliError(f"{printable(value)}: {printable(folder)} is not a folder")
+            break
     return Path(value)
 
 

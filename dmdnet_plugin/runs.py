@@ -117,8 +117,7 @@ def restore_files(
     plan = engine.plan(inputs, output)
     if not plan.inputs:
         raise ValueError("no input images or videos found")
-    if report:
-        report = _report_target(str(report), plan)
+    target = _report_target(str(report), plan) if report else None
     results = {entry.input: entry for entry in plan.refused}
     refused = list(plan.refused)
     with Journal(output, engine.settings.key(), engine.files, resume) as journal:
@@ -143,8 +142,13 @@ def restore_files(
                 on_entry(entry)
     warnings = () if journal.problem is None else (journal.problem,)
     done = RunReport(engine.settings, tuple(results[src] for src in plan.inputs), engine.name, warnings)
-    if report:
-        done.write(report)
+    if target:
+        try:
+            done.write(target)
+        except OSError as exc:  # the outputs are written and in the journal: a rerun only writes the report
+            raise ValueError(
+                f"{printable(report)}: cannot write the report ({exc.strerror or type(exc).__name__})"
+            ) from None
     return done
 
 

@@ -388,7 +388,7 @@ def read_state_dict(path: str | Path, source: str | None = None) -> tuple[dict[s
         with checked_name(path, MAX_CHECKPOINT_BYTES) as name:
             if problem := _plain_problem(name):
                 raise WeightsError(f"{source}: not a readable checkpoint ({problem})")
-            if path.suffix == ".safetensors":
+            if path.suffix.lower() == ".safetensors":
                 state, meta = read_safetensors(Path(name), MAX_HEADER)
                 config = json_field(meta, "config") if "config" in meta else None
                 return state, config if isinstance(config, dict) else None

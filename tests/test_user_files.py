@@ -133,9 +133,9 @@ def test_names_no_output_can_keep_are_refused_before_any_work(small_weights, tmp
 def test_crops_and_landmarks_into_a_file_are_one_line_and_a_loop_is_one_photo(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     assert main(["crops", str(A), "-o", str(tmp_path / "afile")]) == 2
-    assert "afile: is a file, not a folder" in one_error(capsys)
+    assert "afile is not a folder" in one_error(capsys)
     assert main(["landmarks", str(A), "--landmarks-root", str(tmp_path / "afile")]) == 2
-    assert "afile: is a file, not a folder" in one_error(capsys)
+    assert "afile is not a folder" in one_error(capsys)
     assert (tmp_path / "afile").read_text() == "mine"
     assert main(["crops", str(loop(tmp_path, "loop.jpg")), str(A), "-o", str(tmp_path / "crops")]) == 1
     assert "loop.jpg: cannot read it (Too many levels of symbolic links)" in one_error(capsys)
@@ -201,3 +201,37 @@ def test_writes_that_fail_in_crops_are_one_line_each(tmp_path, capsys):
     assert main(["crops", str(inputs), "-o", str(tmp_path / "out")]) == 1
     assert f"{inputs / 'a' / A.name}: cannot write its output" in one_error(capsys)
     assert (tmp_path / "out" / "a").read_text() == "mine" and (tmp_path / "out" / "b" / f"{A.stem}.png").is_file()
+
+
+def test_a_link_to_a_photo_or_to_the_weights_is_never_an_output(small, small_weights, tmp_path, capsys):
+    """The suffix rule holds for the file a link leads to, and identity build's --weights is an input."""
+    victim = shutil.copy(A, tmp_path / "victim.jpg")
+    (tmp_path / "evil.safetensors").symlink_to(victim)
+    (tmp_path / "evil.onnx").symlink_to(victim)
+    weights = shutil.copy(small_weights, tmp_path / "w.safetensors")
+    for argv, message in (
+        (["convert", str(small_weights), str(tmp_path / "evil.safetensors")], "which does not end in .safetensors"),
+        (["export-onnx", str(tmp_path / "evil.onnx"), "--weights", str(small_weights)], "which does not end in .onnx"),
+        (["identity", "build", *map(str, REFS), "-o", str(weights), "--weights", str(weights)], "is an input"),
+    ):
+        assert main(argv) == 2
+        assert message in one_error(capsys)
+    assert Path(victim).read_bytes() == A.read_bytes()
+    assert Path(weights).read_bytes() == Path(small_weights).read_bytes()
+    upper = tmp_path / "UP.SAFETENSORS"  # written by convert, so read by every loader, whatever the case
+    assert main(["convert", str(small_weights), str(upper)]) == 0
+    assert load_model(upper, device="cpu").net.fingerprint() == small.fingerprint()
+
+
+def test_a_report_that_cannot_be_written_is_one_line(small_weights, tmp_path, capsys):
+    """The outputs are written and journalled; the report's failure is one line (exit 2), not a traceback."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("needs /sys, where no one can create a file")
+    out = tmp_path / "out"
+    argv = ["restore", str(A), "-o", str(out), "--weights", str(small_weights), "--report", "/sys/dmdnet-r.json"]
+    assert main(argv) == 2
+    assert "/sys/dmdnet-r.json: cannot write the report" in one_error(capsys)
+    assert (out / A.name).is_file()
+    (tmp_path / "afile").write_text("mine")
+    assert main(["crops", str(A), "-o", str(tmp_path / "afile" / "sub")]) == 2
+    assert f"{tmp_path / 'afile'} is not a folder" in one_error(capsys)
