@@ -40,7 +40,7 @@ from .components import CROP_SIZE
 from .face_helper import AlignedFace, Detection
 from .faces import Face
 from .identity import IdentityDictionary
-from .io import IMAGE_EXTENSIONS, decode_image, encode_image, read_image_file
+from .io import decode_image, encode_image, read_image_file
 from .journal import LocalFiles, Stamp
 from .matching import Match
 from .outputs import Found, Job, Plan, local_inputs, plan_jobs
@@ -49,7 +49,7 @@ from .report import Entry
 from .runtime import pick_precision, precision_name
 from .settings import RunSettings
 from .stream import Done, PhotoItem, find_faces, paste_photo, read_photo, restore_window, write_photo
-from .video import VIDEO_EXTENSIONS, is_video
+from .video import INPUT_EXTENSIONS, is_video
 
 
 class ClusterError(RuntimeError):
@@ -100,9 +100,8 @@ class Storage:
     def found(self, inputs: Sequence[str], output: str) -> list[Found]:
         """The photos and videos of ``inputs`` (files, or folders searched recursively), sorted like
         a local run's, each with its path below the folder it was found in."""
-        extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
         if self.local:
-            return local_inputs([Storage.open(i).root for i in inputs], output, extensions)
+            return local_inputs([Storage.open(i).root for i in inputs], output, INPUT_EXTENSIONS)
         from pyarrow import fs as pafs
 
         found: list[Found] = []
@@ -113,7 +112,7 @@ class Storage:
                 continue
             listed = self.fs.get_file_info(pafs.FileSelector(root, recursive=True))
             for info in sorted(listed, key=lambda i: i.path):
-                if info.type == pafs.FileType.File and PurePosixPath(info.path).suffix.lower() in extensions:
+                if info.type == pafs.FileType.File and PurePosixPath(info.path).suffix.lower() in INPUT_EXTENSIONS:
                     found.append(Found(self.name(info.path), PurePosixPath(info.path).relative_to(root)))
         return found
 
@@ -504,7 +503,7 @@ class RayEngine:
         self.source, self.target = Storage.open(inputs[0]), Storage.open(output)
         self.files = StoredFiles(self.source, self.target)
         found = self.source.found(inputs, self.target.root if self.target.local else output)
-        return plan_jobs(found, self.target.join, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS, self.settings.save_faces)
+        return plan_jobs(found, self.target.join, INPUT_EXTENSIONS, self.settings.save_faces)
 
     def restore(self, jobs: Sequence[Job], done: Done) -> Iterator[Entry]:
         for job in jobs:

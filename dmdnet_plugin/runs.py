@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Protocol
 
 from .clips import ClipStatus
-from .io import IMAGE_EXTENSIONS
 from .journal import Files, Journal, LocalFiles, same_name
 from .outputs import Job, Plan, local_inputs, plan_jobs
 from .pipeline import Restorer
@@ -27,7 +26,7 @@ from .settings import RunSettings
 from .stream import Done, PhotoStream
 from .text import printable
 from .userfiles import BrokenLink, open_regular, unreadable, write_target
-from .video import VIDEO_EXTENSIONS, is_video, restore_video_job
+from .video import INPUT_EXTENSIONS, is_video, restore_video_job
 
 
 class Engine(Protocol):
@@ -62,9 +61,10 @@ class LocalEngine:
         self.files = LocalFiles()
 
     def plan(self, inputs: Sequence[str], output: str) -> Plan:
-        extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-        found = local_inputs(inputs, output, extensions)
-        return plan_jobs(found, lambda relative: str(Path(output) / relative), extensions, self.settings.save_faces)
+        found = local_inputs(inputs, output, INPUT_EXTENSIONS)
+        return plan_jobs(
+            found, lambda relative: str(Path(output) / relative), INPUT_EXTENSIONS, self.settings.save_faces
+        )
 
     def restore(self, jobs: Sequence[Job], done: Done) -> Iterator[Entry]:
         with PhotoStream(self.restorer, self.settings, self.workers) as stream:

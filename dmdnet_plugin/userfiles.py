@@ -43,12 +43,16 @@ def _judge(mode: int, path: str | Path) -> None:
         raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
 
 
-def open_regular(path: str | Path) -> BinaryIO:
-    """The file, opened for reading, if it is a regular one; a folder raises :class:`IsADirectoryError`."""
+def open_regular(path: str | Path, max_bytes: int | None = None) -> BinaryIO:
+    """The file, opened for reading, if it is a regular one of at most ``max_bytes`` (when given); a folder
+    raises :class:`IsADirectoryError`."""
     _judge(os.stat(path).st_mode, path)
     fd = os.open(path, _FLAGS | _NONBLOCK)
     try:
-        _judge(os.fstat(fd).st_mode, path)
+        info = os.fstat(fd)
+        _judge(info.st_mode, path)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise FileTooLarge(errno.EFBIG, _too_large(info.st_size, max_bytes), str(path))
         if _NONBLOCK:
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -59,15 +63,14 @@ def open_regular(path: str | Path) -> BinaryIO:
 
 def read_regular(path: str | Path, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes`` (a file that grows while read is caught too)."""
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        data = f.read(max_bytes + 1) if size <= max_bytes else b""
-    if size > max_bytes or len(data) > max_bytes:
-        raise FileTooLarge(errno.EFBIG, too_large(max(size, len(data)), max_bytes), str(path))
+    with open_regular(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLarge(errno.EFBIG, _too_large(len(data), max_bytes), str(path))
     return data
 
 
-def too_large(size: int, max_bytes: int) -> str:
+def _too_large(size: int, max_bytes: int) -> str:
     return f"{size / 2**20:.0f} MiB, more than the limit of {max_bytes / 2**20:.0f} MiB"
 
 
@@ -94,10 +97,7 @@ def write_target(path: str | Path) -> str:
 @contextlib.contextmanager
 def checked_name(path: str | Path, max_bytes: int | None = None) -> Iterator[str]:
     """A name under which a reader that opens files itself finds the regular file checked here, valid
-    inside the block; ``max_bytes`` bounds its size as :func:`read_regular` does."""
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if max_bytes is not None and size > max_bytes:
-            raise FileTooLarge(errno.EFBIG, too_large(size, max_bytes), str(path))
+    inside the block; ``max_bytes`` bounds its size as in :func:`open_regular`."""
+    with open_regular(path, max_bytes) as f:
         fd_name = _FD_NAMES / str(f.fileno())
         yield str(fd_name) if fd_name.exists() else str(path)

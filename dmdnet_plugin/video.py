@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import atomic_path
 from .clips import ClipProgress, restore_clip
 from .identity import IdentityDictionary
-from .io import ImageError, Picture, check_pixels, refuse_overwrite
+from .io import IMAGE_EXTENSIONS, ImageError, Picture, check_pixels, refuse_overwrite
 from .outputs import Job
 from .pipeline import FaceResult, Mode, Restorer
 from .report import Entry, Status, VideoRecord
@@ -31,6 +31,7 @@ from .tracking import TrackSummary
 from .userfiles import NotARegularFile, checked_name, unreadable
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what a run takes from a folder, and by name
 CODECS = {".webm": ("libvpx-vp9", {"crf": "30", "b:v": "0"}), ".avi": ("mpeg4", {"qscale": "2"})}
 DEFAULT_CODEC = ("libx264", {"crf": "17", "preset": "medium"})  # visually lossless for most clips
 

@@ -91,7 +91,7 @@ def sha256_of(path: Path) -> str:
     """The checkpoint's sha256, after its size is checked: hashing a sparse 1 TB file took 40 minutes."""
     digest = hashlib.sha256()
     try:
-        with checked_name(path, MAX_CHECKPOINT_BYTES) as name, open(name, "rb") as f:
+        with open_regular(path, MAX_CHECKPOINT_BYTES) as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     except OSError as exc:
